@@ -1,0 +1,32 @@
+"""Supervised fine-tuning: token negative log-likelihood of the completion (demonstration)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlctl.hookspecs import hookimpl
+from rlctl.ops import AGGREGATIONS, aggregate
+from rlctl.rollouts import Rollouts
+
+
+class SFTLoss:
+    """Mean negative log-likelihood of completion tokens (``aggregation`` as in ``rlctl.ops``)."""
+
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, aggregation: str = "token-mean"):
+        if aggregation not in AGGREGATIONS or aggregation == "constant":
+            raise ValueError(f"aggregation = {aggregation!r}: accepted values are "
+                             "token-mean, seq-mean-token-mean, seq-mean-token-sum")
+        self.aggregation = aggregation
+
+    def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
+                **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
+        nll = aggregate(-logprobs, mask, self.aggregation)
+        return nll, {"nll": nll.item()}
+
+
+@hookimpl
+def rlctl_register_losses(register):
+    register("sft", SFTLoss)

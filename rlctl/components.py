@@ -1,0 +1,86 @@
+"""Component protocols: what the factory registered under a name must return.
+
+Components never call each other; the trainer moves one ``Rollouts`` through them in order
+sampler -> rewards -> advantage -> loss, and calls the scheduler before every update.
+
+Any component may declare ``requires``: the names of data it needs the trainer to provide, checked
+before the run starts. Recognised names:
+
+``ref_logprobs``      log-probs of a frozen reference model (loads one; absent otherwise)
+``old_logprobs``      log-probs of the policy before this batch's updates
+``behavior_logprobs`` log-probs recorded by the sampler (the sampler must provide them)
+``values``            a value head on the policy: ``rollouts.values`` before the update and
+                      ``values=`` (new values, with gradient) passed to the loss
+``entropy``           per-token entropy passed to the loss as ``entropy=``
+``rewards``           ``rollouts.rewards`` from the recipe's ``[[reward]]`` tables
+``advantages``        ``rollouts.advantages`` from the recipe's ``[advantage]`` (implies rewards
+                      where the advantage estimator requires them)
+
+The trainer only computes what some component requires: an SFT loss that requires nothing gets no
+rewards, no advantages and no reference model.
+
+Components that keep state across steps (e.g. prompt statistics) implement ``state_dict()`` and
+``load_state_dict(state)`` so that checkpoints resume them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from rlctl.rollouts import Prompt, Rollouts
+
+KNOWN_REQUIREMENTS = frozenset(
+    {"ref_logprobs", "old_logprobs", "behavior_logprobs", "values", "entropy", "rewards", "advantages"}
+)
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    def sample(self, policy: Any, prompts: Sequence[Prompt], group_size: int) -> Rollouts:
+        """Generate ``group_size`` completions per prompt; ``policy`` is a ``rlctl.models.Policy``."""
+        ...
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        """One score per completion ``[N]``, or per token ``[N, T]``."""
+        ...
+
+
+@runtime_checkable
+class Advantage(Protocol):
+    def compute(self, rollouts: Rollouts) -> torch.Tensor:
+        """Per-token advantages ``[N, T]`` (zero where ``completion_mask`` is zero)."""
+        ...
+
+
+@runtime_checkable
+class Loss(Protocol):
+    def compute(
+        self, rollouts: Rollouts, logprobs: torch.Tensor, **extra: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss to minimise and float statistics for the metrics log."""
+        ...
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    def step(self, state: Any) -> None:
+        """Set ``state.lr`` (and any coefficients) for the update about to run."""
+        ...
+
+
+PROTOCOLS: dict[str, type] = {
+    "sampler": Sampler,
+    "reward": Reward,
+    "advantage": Advantage,
+    "loss": Loss,
+    "scheduler": Scheduler,
+}
+
+
+def requirements(component: Any) -> Collection[str]:
+    return tuple(getattr(component, "requires", ()) or ())

@@ -1,0 +1,224 @@
+"""Models: loading policies through ``from_pretrained``, tiny offline models, value heads, log-probs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlctl.errors import RecipeError
+
+TINY_MARKER = "rlctl_tiny.json"
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Policy:
+    """What a sampler receives: the (unwrapped) causal LM and its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLCTL_CACHE", Path.home() / ".cache" / "rlctl"))
+
+
+# --------------------------------------------------------------------------------------------- tiny
+def build_tokenizer() -> Any:
+    """A character-level tokenizer over printable ASCII, built with ``tokenizers``."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    # BPE without merges splits text into single characters; Fuse joins them back without spaces
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk"]))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+    )
+
+
+def tiny_spec(arch: str = "llama", hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+              num_kv_heads: int | None = None, intermediate_size: int | None = None,
+              max_position_embeddings: int = 512, seed: int = 0) -> dict[str, Any]:
+    if arch not in ("llama", "qwen2"):
+        raise RecipeError(f"[model.tiny] arch = {arch!r}: accepted values are 'llama', 'qwen2'")
+    return {
+        "arch": arch,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads or num_heads,
+        "intermediate_size": intermediate_size or 4 * hidden_size,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
+    }
+
+
+def build_tiny_model(path: str | Path | None = None, **spec: Any) -> Path:
+    """Build (once) a tiny random Llama/Qwen2 model + tokenizer and save it with ``save_pretrained``.
+
+    Returns the directory, which loads with ``AutoModelForCausalLM.from_pretrained``. Without ``path``
+    the model goes to the rlctl cache under a name derived from the spec. An existing directory is
+    reused when its spec matches, and only ever replaced if it is a tiny model that rlctl built.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full = tiny_spec(**spec)
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(path) if path else cache_dir() / "models" / f"tiny-{full['arch']}-{digest}"
+    marker = out / TINY_MARKER
+    if marker.exists() and json.loads(marker.read_text()) == full:
+        return out
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise RecipeError(f"[model] name = {str(out)!r}: directory exists and is not a tiny rlctl model; "
+                          "refusing to overwrite it")
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(
+        full["arch"],
+        vocab_size=len(tokenizer),
+        hidden_size=full["hidden_size"],
+        intermediate_size=full["intermediate_size"],
+        num_hidden_layers=full["num_layers"],
+        num_attention_heads=full["num_heads"],
+        num_key_value_heads=full["num_kv_heads"],
+        max_position_embeddings=full["max_position_embeddings"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(full["seed"])
+        model = AutoModelForCausalLM.from_config(config)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / TINY_MARKER).write_text(json.dumps(full, sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)  # atomic: a half-written model is never picked up
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loading
+def resolve_model_path(model_cfg: Any) -> str:
+    """The name or directory to pass to ``from_pretrained`` (building a tiny model if asked)."""
+    if model_cfg.tiny is not None:
+        return str(build_tiny_model(model_cfg.name or None, **model_cfg.tiny))
+    return model_cfg.name
+
+
+def load_policy(model_cfg: Any) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for training. Weights only from safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = resolve_model_path(model_cfg)
+    common = {"trust_remote_code": model_cfg.trust_remote_code, "revision": model_cfg.revision}
+    tokenizer = AutoTokenizer.from_pretrained(name, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts are left-padded so that generation continues them
+    dtype = "auto" if model_cfg.dtype == "auto" else _DTYPES[model_cfg.dtype]
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **common)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` in eval mode (reference policies)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position from the policy's last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1)
+
+
+# -------------------------------------------------------------------------------------- log-probs
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) (and optionally entropy) per position, one row block at a time.
+
+    Works row by row so that at most one block of full-vocabulary fp32 log-softmax exists at once.
+    """
+    logps, ents = [], []
+    block = max(1, 2**22 // max(1, logits.shape[-1] * logits.shape[-2]))
+    for start in range(0, logits.shape[0], block):
+        chunk = logits[start:start + block].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        logsm = F.log_softmax(chunk, dim=-1)
+        logps.append(logsm.gather(-1, targets[start:start + block].unsqueeze(-1)).squeeze(-1))
+        if with_entropy:
+            ents.append(-(logsm.exp() * logsm).sum(-1))
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+@dataclass
+class ForwardOut:
+    logprobs: torch.Tensor  # [N, T]
+    entropy: torch.Tensor | None = None  # [N, T]
+    values: torch.Tensor | None = None  # [N, T]
+
+
+def score_completions(model: nn.Module, rollouts: Any, value_head: nn.Module | None = None,
+                      with_entropy: bool = False) -> ForwardOut:
+    """Log-probs of each completion token under ``model`` (one forward over prompt + completion)."""
+    input_ids = rollouts.input_ids
+    attention = rollouts.attention_mask
+    # position ids that skip left padding, so padded and unpadded prompts score identically
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    p_len = rollouts.prompt_ids.shape[1]
+    t_len = rollouts.completion_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                output_hidden_states=value_head is not None, use_cache=False,
+                logits_to_keep=t_len + 1)
+    # logits at position i predict token i+1: the completion is predicted by positions p_len-1 .. end-1
+    logits = out.logits[:, -(t_len + 1):-1, :]
+    logprobs, entropy = selective_logprobs(logits, rollouts.completion_ids, rollouts.temperature,
+                                           with_entropy)
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, p_len - 1:-1, :]
+        values = value_head(hidden.float())
+    return ForwardOut(logprobs=logprobs, entropy=entropy, values=values)

@@ -1,0 +1,85 @@
+"""Small tensor helpers shared by components: masked reductions, group statistics, loss aggregation.
+
+Conventions: masks are float or bool ``[N, T]``; groups are given by ``group_ids`` ``[N]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant")
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() if dim is None else (x * m).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+def group_mean_std(values: torch.Tensor, group_ids: torch.Tensor,
+                   unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean and std of its group (population std unless ``unbiased``). Shapes ``[N]``."""
+    _, dense = torch.unique(group_ids, return_inverse=True)
+    k = int(dense.max().item()) + 1 if dense.numel() else 0
+    v = values.double()
+    count = torch.zeros(k, dtype=torch.float64, device=v.device).index_add_(0, dense, torch.ones_like(v))
+    total = torch.zeros(k, dtype=torch.float64, device=v.device).index_add_(0, dense, v)
+    mean = total / count
+    sq = torch.zeros(k, dtype=torch.float64, device=v.device).index_add_(0, dense, (v - mean[dense]) ** 2)
+    denom = (count - 1).clamp(min=1) if unbiased else count
+    std = (sq / denom).sqrt()
+    return mean[dense].to(values.dtype), std[dense].to(values.dtype)
+
+
+def batch_std(values: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    return values.std(unbiased=unbiased) if values.numel() > 1 else values.new_zeros(())
+
+
+def broadcast_to_tokens(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Repeat a ``[N]`` value on every completion token, zero on padding."""
+    return per_sample.unsqueeze(-1).to(torch.float32) * mask.to(torch.float32)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              normalizer: float | None = None) -> torch.Tensor:
+    """Reduce a per-token loss ``[N, T]`` to a scalar.
+
+    token-mean:           sum over all tokens / number of tokens (long answers weigh more)
+    seq-mean-token-mean:  mean over sequences of each sequence's token mean (GRPO's original)
+    seq-mean-token-sum:   mean over sequences of each sequence's token sum
+    constant:             sum over all tokens / (N * normalizer) (Dr. GRPO; normalizer = max tokens)
+    """
+    m = mask.to(per_token.dtype)
+    if mode == "token-mean":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-mean":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if mode == "seq-mean-token-sum":
+        return (per_token * m).sum(-1).mean()
+    if mode == "constant":
+        if not normalizer:
+            raise ValueError("aggregation 'constant' needs a positive normalizer")
+        return (per_token * m).sum() / (per_token.shape[0] * normalizer)
+    raise ValueError(f"unknown aggregation {mode!r}; accepted: {', '.join(AGGREGATIONS)}")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+    k1 = log pi/pi_ref; k2 = 0.5 (log pi/pi_ref)^2; k3 = (rho - 1) - log rho with rho = pi_ref/pi.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        log_rho = -log_ratio.clamp(-20.0, 20.0)
+        return log_rho.exp() - 1 - log_rho
+    raise ValueError(f"unknown KL estimator {estimator!r}; accepted: k1, k2, k3")
