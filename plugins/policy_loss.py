@@ -1,4 +1,6 @@
-"""Clipped policy-gradient surrogate (PPO / GRPO / DAPO clip-higher) with optional KL and entropy terms."""
+"""Clipped policy-gradient surrogates: PPO / GRPO / DAPO clip-higher, dual-clip, truncated importance
+sampling, GSPO's sequence-level ratio and NGRPO's asymmetric clipping, with optional KL and entropy terms.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +10,47 @@ from rlctl.hookspecs import hookimpl
 from rlctl.ops import AGGREGATIONS, aggregate, kl_penalty, masked_mean
 from rlctl.rollouts import Rollouts
 
+RATIO_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
 
 class ClippedPolicyLoss:
-    """-min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) per token, aggregated.
+    """PPO ("Proximal Policy Optimization Algorithms"): per token
 
-    ``kl_coef`` > 0 adds ``kl_coef * KL(pi || pi_ref)`` per token (needs a reference model);
-    ``entropy_coef`` > 0 rewards entropy (a bonus), < 0 penalises it.
+        -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A),   rho = pi / pi_old,
+
+    aggregated over tokens by ``aggregation`` (see ``rlctl.ops.aggregate``). For A > 0 only the upper
+    bound can bind and for A < 0 only the lower one, so ``clip_high > clip_low`` is DAPO's clip-higher.
+
+    ``ratio_level = "sequence"``: GSPO's rho_i = exp(mean_t log pi/pi_old) over the sequence's tokens,
+    clipped per sequence (see the ``gspo`` loss).
+    ``dual_clip`` = c > 1 (0 = off): for A < 0 the loss is capped at -c A ("Mastering Complex Control in
+    MOBA Games with Deep Reinforcement Learning").
+    ``tis_cap`` = C > 0 (0 = off): truncated importance sampling; the surrogate is weighted by
+    min(pi_old / mu, C) with mu the sampler's log-probs (``behavior_logprobs``), correcting a mismatch
+    between the generation engine and the trainer.
+    ``kl_coef`` > 0 adds ``kl_coef * KL(pi || pi_ref)`` per token with estimator k1, k2 or k3 (needs a
+    reference model); ``entropy_coef`` > 0 rewards entropy (a bonus), < 0 penalises it.
     """
 
     def __init__(self, clip_low: float = 0.2, clip_high: float | None = None,
                  aggregation: str = "token-mean", normalizer: float | None = None,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0):
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                 ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation = {aggregation!r}: accepted values are {', '.join(AGGREGATIONS)}")
         if aggregation == "constant" and not normalizer:
             raise ValueError("aggregation = 'constant' needs normalizer (e.g. max_new_tokens)")
         if clip_low < 0 or (clip_high is not None and clip_high < 0):
             raise ValueError("clip_low and clip_high must be >= 0")
-        if kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator = {kl_estimator!r}: accepted values are k1, k2, k3")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator = {kl_estimator!r}: accepted values are {', '.join(KL_ESTIMATORS)}")
+        if ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"ratio_level = {ratio_level!r}: accepted values are {', '.join(RATIO_LEVELS)}")
+        if dual_clip and dual_clip <= 1:
+            raise ValueError(f"dual_clip = {dual_clip}: accepted values are 0 (off) or > 1")
+        if tis_cap < 0:
+            raise ValueError(f"tis_cap = {tis_cap}: accepted values are 0 (off) or > 0")
         self.clip_low = clip_low
         self.clip_high = clip_low if clip_high is None else clip_high
         self.aggregation = aggregation
@@ -34,6 +58,9 @@ class ClippedPolicyLoss:
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator
         self.entropy_coef = entropy_coef
+        self.ratio_level = ratio_level
+        self.dual_clip = dual_clip
+        self.tis_cap = tis_cap
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -42,20 +69,37 @@ class ClippedPolicyLoss:
             needs.append("ref_logprobs")
         if self.entropy_coef:
             needs.append("entropy")
+        if self.tis_cap:
+            needs.append("behavior_logprobs")
         return tuple(needs)
 
-    def compute(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None = None,
-                **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
+    def policy_terms(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The per-token policy loss [N, T] (surrogate + KL + entropy terms) and its statistics."""
         adv = rollouts.advantages
-        ratio = torch.exp(logprobs - rollouts.old_logprobs)
-        unclipped = ratio * adv
-        clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high) * adv
-        per_token = -torch.minimum(unclipped, clipped)
+        log_ratio = logprobs - rollouts.old_logprobs
+        if self.ratio_level == "sequence":
+            log_ratio = masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1).expand_as(logprobs)
+        ratio = torch.exp(log_ratio)
+        unclipped = -ratio * adv
+        clipped = -torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high) * adv
+        per_token = torch.maximum(unclipped, clipped)
         stats = {
-            "clip_frac": masked_mean((clipped < unclipped).float(), mask).item(),
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
             "ratio_mean": masked_mean(ratio.detach(), mask).item(),
         }
+        if self.dual_clip:
+            cap = -self.dual_clip * adv
+            capped = (adv < 0) & (per_token > cap)
+            per_token = torch.where(capped, cap, per_token)
+            stats["dual_clip_frac"] = masked_mean(capped.float(), mask).item()
+        if self.tis_cap:
+            if rollouts.behavior_logprobs is None:
+                raise ValueError("tis_cap needs the sampler's log-probs (rollouts.behavior_logprobs); "
+                                 "use a sampler that records them or set tis_cap = 0")
+            weight = torch.exp(rollouts.old_logprobs - rollouts.behavior_logprobs).clamp(max=self.tis_cap)
+            per_token = per_token * weight.detach()
+            stats["tis_weight_mean"] = masked_mean(weight.detach(), mask).item()
         if self.kl_coef:
             kl = kl_penalty(logprobs, rollouts.ref_logprobs, self.kl_estimator)
             per_token = per_token + self.kl_coef * kl
@@ -63,10 +107,51 @@ class ClippedPolicyLoss:
         if self.entropy_coef:
             per_token = per_token - self.entropy_coef * entropy
             stats["entropy"] = masked_mean(entropy.detach(), mask).item()
+        return per_token, stats
+
+    def compute(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None = None,
+                **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
+        per_token, stats = self.policy_terms(rollouts, logprobs, entropy, mask)
         loss = aggregate(per_token, mask, self.aggregation, self.normalizer)
         return loss, stats
+
+
+class GSPOLoss(ClippedPolicyLoss):
+    """GSPO ("Group Sequence Policy Optimization"): the clipped surrogate with the sequence-level ratio
+
+        s_i = exp(mean_t (log pi - log pi_old)),  loss_i = -min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i)
+
+    averaged over sequences (seq-mean-token-mean). The paper's clip ranges are tiny (3e-4, 4e-4) because
+    a sequence ratio moves far less than a token ratio. Other options as ``ppo_clip``.
+    """
+
+    def __init__(self, clip_low: float = 3e-4, clip_high: float | None = 4e-4,
+                 aggregation: str = "seq-mean-token-mean", normalizer: float | None = None,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                 dual_clip: float = 0.0, tis_cap: float = 0.0):
+        super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
+                         ratio_level="sequence", dual_clip=dual_clip, tis_cap=tis_cap)
+
+
+class NGRPOClipLoss(ClippedPolicyLoss):
+    """NGRPO's asymmetric clipping ("NGRPO: Negative-enhanced Group Relative Policy Optimization").
+
+    Looser updates for positive advantages, stricter for negative ones: for A > 0 the ratio is capped at
+    1 + clip_high (0.24), for A < 0 floored at 1 - clip_low (0.16) — the authors' settings. Pair with the
+    ``ngrpo`` advantage. Other options as ``ppo_clip``.
+    """
+
+    def __init__(self, clip_low: float = 0.16, clip_high: float | None = 0.24,
+                 aggregation: str = "token-mean", normalizer: float | None = None,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                 ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0):
+        super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
+                         ratio_level, dual_clip, tis_cap)
 
 
 @hookimpl
 def rlctl_register_losses(register):
     register("ppo_clip", ClippedPolicyLoss)
+    register("gspo", GSPOLoss)
+    register("ngrpo_clip", NGRPOClipLoss)

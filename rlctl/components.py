@@ -19,6 +19,10 @@ before the run starts. Recognised names:
 The trainer only computes what some component requires: an SFT loss that requires nothing gets no
 rewards, no advantages and no reference model.
 
+A sampler lists in ``provides`` the optional ``Rollouts`` fields it fills (e.g. ``behavior_logprobs``),
+so that a loss requiring them is rejected before the run when the sampler cannot supply them.
+Samplers set ``info[i]["truncated"]`` to True for a completion cut at the token limit (no EOS).
+
 Components that keep state across steps (e.g. prompt statistics) implement ``state_dict()`` and
 ``load_state_dict(state)`` so that checkpoints resume them exactly.
 """
@@ -84,3 +88,14 @@ PROTOCOLS: dict[str, type] = {
 
 def requirements(component: Any) -> Collection[str]:
     return tuple(getattr(component, "requires", ()) or ())
+
+
+def stage_needs(built: dict[str, Any]) -> set[str]:
+    """What the trainer must compute for a stage's components (kind -> component).
+
+    The advantage estimator's own requirements count only when something needs advantages.
+    """
+    needs = set(requirements(built.get("sampler"))) | set(requirements(built.get("loss")))
+    if "advantages" in needs:
+        needs |= set(requirements(built.get("advantage")))
+    return needs

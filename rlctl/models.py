@@ -85,7 +85,9 @@ def build_tiny_model(path: str | Path | None = None, **spec: Any) -> Path:
     reused when its spec matches, and only ever replaced if it is a tiny model that rlctl built.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     full = tiny_spec(**spec)
     digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(path) if path else cache_dir() / "models" / f"tiny-{full['arch']}-{digest}"
@@ -136,7 +138,9 @@ def resolve_model_path(model_cfg: Any) -> str:
 def load_policy(model_cfg: Any) -> tuple[Any, Any]:
     """Load (model, tokenizer) for training. Weights only from safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # rlctl shows its own progress
     name = resolve_model_path(model_cfg)
     common = {"trust_remote_code": model_cfg.trust_remote_code, "revision": model_cfg.revision}
     tokenizer = AutoTokenizer.from_pretrained(name, **common)

@@ -83,3 +83,21 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         log_rho = -log_ratio.clamp(-20.0, 20.0)
         return log_rho.exp() - 1 - log_rho
     raise ValueError(f"unknown KL estimator {estimator!r}; accepted: k1, k2, k3")
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean) / (std + eps) with mean and std over the masked entries (population std unless
+    ``unbiased``); zero where ``mask`` is zero."""
+    m = mask.to(x.dtype)
+    count = m.sum()
+    mean = (x * m).sum() / count.clamp(min=1.0)
+    denom = (count - 1).clamp(min=1.0) if unbiased else count.clamp(min=1.0)
+    std = ((((x - mean) * m) ** 2).sum() / denom).sqrt()
+    return (x - mean) / (std + eps) * m
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the last dimension: logsumexp(z) - sum softmax(z) z (uniform -> log V)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)

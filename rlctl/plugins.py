@@ -38,6 +38,12 @@ DEFAULT_PLUGINS = (
     "rlctl_plugins.policy_loss",
     "rlctl_plugins.sft",
     "rlctl_plugins.schedulers",
+    "rlctl_plugins.ppo",
+    "rlctl_plugins.dapo",
+    "rlctl_plugins.reft",
+    "rlctl_plugins.verifiers",
+    "rlctl_plugins.code_exec",
+    "rlctl_plugins.preference",
 )
 
 

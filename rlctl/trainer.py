@@ -1,0 +1,433 @@
+"""The training loop: sample -> reward -> advantage -> loss -> optimizer step, stage after stage.
+
+No algorithm lives here: what gets computed is decided by the components' ``requires`` declarations
+(see ``rlctl.components``), never by their names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlctl import plugins
+from rlctl.components import requirements, stage_needs
+from rlctl.data import PromptStream, load_prompts
+from rlctl.errors import ComponentError, RecipeError, RlctlError
+from rlctl.generation import generate
+from rlctl.metrics import LiveView, MetricsLog, summary_table
+from rlctl.models import ForwardOut, Policy, ValueHead, frozen_copy, load_policy, score_completions
+from rlctl.recipe import ComponentSpec, Recipe, Stage, check_stage_components, dumps_toml, resolved_dict
+from rlctl.rollouts import Rollouts
+from rlctl.state import TrainState
+
+ACCURACY_THRESHOLD = 1.0  # a completion is "correct" when the first reward scores at least this
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, output_dir: str | Path | None = None, overwrite: bool = False,
+                 show_progress: bool = True):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        self.output_dir = Path(output_dir or recipe.train.output_dir.format(recipe=recipe.name))
+        self.overwrite = overwrite
+        t = recipe.train
+        self.accelerator = Accelerator(
+            cpu=t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()),
+            mixed_precision=t.mixed_precision,
+        )
+        self.view = LiveView(recipe.total_steps, enabled=show_progress and self.accelerator.is_main_process)
+        self.state = TrainState(total_steps=recipe.total_steps, output_dir=self.output_dir, recipe=recipe)
+        self.value_head: ValueHead | None = None
+        self.reference: torch.nn.Module | None = None
+        self.initial_reference: torch.nn.Module | None = None
+        self.eval_results: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------------------------ setup
+    def _prepare_output_dir(self) -> None:
+        if (self.output_dir / "metrics.jsonl").exists() and not self.overwrite:
+            raise RlctlError(f"run directory {self.output_dir} already holds a run; pass --overwrite to "
+                             "replace it or --output-dir to choose another")
+        if self.overwrite and (self.output_dir / "metrics.jsonl").exists():
+            (self.output_dir / "metrics.jsonl").unlink()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "recipe.resolved.toml").write_text(dumps_toml(resolved_dict(self.recipe)))
+        (self.output_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
+
+    def _setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        set_seed(self.recipe.train.seed)
+        self.model, self.tokenizer = load_policy(self.recipe.model)
+        self.model.train()
+        self.model = self.accelerator.prepare_model(self.model)
+        train_prompts, self.eval_prompts = load_prompts(self.recipe.data)
+        self.stream = PromptStream(train_prompts, self.recipe.train.seed)
+        self.eval_prompts = self.eval_prompts[: self.recipe.eval.num_prompts]
+        # a reference frozen at the start of the run, only if some stage asks for it
+        if any(s.train.reference == "initial" and "ref_logprobs" in self._stage_needs(s) for s in self.recipe.stages):
+            self.initial_reference = frozen_copy(self.policy_model)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
+        self.rng = torch.Generator().manual_seed(self.recipe.train.seed)  # mini-batch shuffling
+
+    @property
+    def policy_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _stage_needs(self, stage: Stage) -> set[str]:
+        problems: list[str] = []
+        built = check_stage_components(stage, problems)
+        return stage_needs(built)
+
+    # -------------------------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any]:
+        self._prepare_output_dir()
+        self._setup()
+        started = time.perf_counter()
+        try:
+            plugins.hook().rlctl_on_run_start(state=self.state)
+            if self.recipe.eval.at_start and self.eval_prompts:
+                self._evaluate(self.recipe.stages[0], self._build(self.recipe.stages[0]), label="start")
+            for stage in self.recipe.stages:
+                self._run_stage(stage)
+        finally:
+            self.view.close()
+            if self.metrics:
+                self.metrics.close()
+        summary = self._summary(time.perf_counter() - started)
+        if self.recipe.train.save_final:
+            self.save(self.output_dir / "final")
+        plugins.hook().rlctl_on_run_end(state=self.state, summary=summary)
+        if self.accelerator.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _build(self, stage: Stage) -> dict[str, Any]:
+        problems: list[str] = []
+        built = check_stage_components(stage, problems)
+        if problems:
+            raise RecipeError(problems, source=self.recipe.source)
+        return built
+
+    def _run_stage(self, stage: Stage) -> None:
+        built = self._build(stage)
+        needs = stage_needs(built)
+        specs = stage.components
+        self.state.stage, self.state.stage_steps, self.state.base_lr = stage.name, stage.steps, stage.train.lr
+        self.state.components = built
+        if "values" in needs and self.value_head is None:
+            hidden = self.policy_model.config.get_text_config().hidden_size
+            self.value_head = ValueHead(hidden).to(self.accelerator.device)
+        if "ref_logprobs" in needs:
+            self.reference = (self.initial_reference if stage.train.reference == "initial"
+                              else frozen_copy(self.policy_model))
+        else:
+            self.reference = None
+        params = list(self.model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
+        optimizer = torch.optim.AdamW(params, lr=stage.train.lr, betas=tuple(stage.train.adam_betas),
+                                      weight_decay=stage.train.weight_decay)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        for stage_step in range(stage.steps):
+            self.state.stage_step = stage_step
+            self._step(stage, built, specs, needs)
+            self.state.step += 1
+            every = self.recipe.eval.every
+            if every and self.state.step % every == 0 and stage_step + 1 < stage.steps:
+                self._evaluate(stage, built, label=f"step{self.state.step}")
+        if self.eval_prompts:
+            self._evaluate(stage, built, label=stage.name)
+
+    # ---------------------------------------------------------------------------------- a step
+    def _step(self, stage: Stage, built: dict[str, Any], specs: dict[str, Any], needs: set[str]) -> None:
+        state, t = self.state, stage.train
+        plugins.hook().rlctl_on_step_start(state=state)
+        t0 = time.perf_counter()
+        if built.get("scheduler") is not None:
+            _guarded(specs["scheduler"], "scheduler", built["scheduler"].step, state)
+        else:
+            state.lr = stage.train.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = state.lr
+
+        need_rewards = "rewards" in needs or "advantages" in needs
+        rollouts, reward_stats, rounds = self._collect(stage, built, specs, need_rewards)
+        t_sample = time.perf_counter() - t0
+        metrics: dict[str, Any] = {"step": state.step, "stage": stage.name, "lr": state.lr, **reward_stats}
+        if rounds > 1:
+            metrics["sampling_rounds"] = rounds
+
+        rollouts = rollouts.to(self.accelerator.device)
+        # With one pass over one mini-batch the weights that score the batch are the ones that sampled
+        # it, so the update's own forward gives the old log-probs (no extra pass) unless the advantage
+        # estimator needs them before the update.
+        advantage_needs_old = "old_logprobs" in requirements(built.get("advantage")) and "advantages" in needs
+        on_policy_single_pass = t.ppo_epochs == 1 and t.mini_batches == 1 and not advantage_needs_old
+        with torch.no_grad():
+            if "values" in needs or ("old_logprobs" in needs and not on_policy_single_pass):
+                old = self._forward(rollouts, grad=False, values="values" in needs)
+                if "old_logprobs" in needs:
+                    rollouts.old_logprobs = old.logprobs
+                rollouts.values = old.values
+            if self.reference is not None:
+                ref = score_completions(self.reference, rollouts)
+                rollouts.ref_logprobs = ref.logprobs
+        if "advantages" in needs:
+            rollouts.advantages = _guarded(specs["advantage"], "advantage", built["advantage"].compute, rollouts)
+
+        update_stats = self._update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass)
+        elapsed = time.perf_counter() - t0
+        tokens = rollouts.num_tokens
+        metrics.update(update_stats)
+        metrics.update({
+            "completion_len": float(rollouts.lengths.float().mean().item()),
+            "samples": len(rollouts),
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "sample_time": t_sample,
+            "step_time": elapsed,
+        })
+        state.last_metrics = metrics
+        if self.metrics:
+            self.metrics.write(metrics)
+        self.view.update(state.step, stage.name, metrics)
+        plugins.hook().rlctl_on_step_end(state=state, metrics=metrics)
+
+    def _collect(self, stage: Stage, built: dict[str, Any], specs: dict[str, Any],
+                 need_rewards: bool) -> tuple[Rollouts, dict[str, float], int]:
+        """Sample (and score) a batch; with ``drop_uniform_groups``, keep refilling up to the batch size."""
+        t = stage.train
+        policy = Policy(self.policy_model, self.tokenizer)
+        kept: list[Rollouts] = []
+        first_stats: dict[str, float] = {}
+        groups_kept, rounds, next_group = 0, 0, 0
+        while rounds < t.max_sampling_rounds and groups_kept < t.prompts_per_step:
+            prompts = self.stream.next_batch(t.prompts_per_step)
+            batch = _guarded(specs["sampler"], "sampler", built["sampler"].sample, policy, prompts,
+                             t.group_size)
+            batch.group_ids = batch.group_ids + next_group
+            next_group = int(batch.group_ids.max().item()) + 1
+            if need_rewards:
+                batch.rewards, stats = self._score(batch, built["reward"], specs["reward"])
+                if rounds == 0:
+                    first_stats = stats  # metrics describe what the policy produced, before filtering
+            rounds += 1
+            if t.drop_uniform_groups and batch.rewards is not None:
+                batch = _drop_uniform_groups(batch)
+                if len(batch) == 0:
+                    continue
+            kept.append(batch)
+            groups_kept += int(torch.unique(batch.group_ids).numel())
+            if not t.drop_uniform_groups:
+                break
+        if not kept:  # every group was uniform in every round: train on nothing rather than crash
+            raise RlctlError(f"stage {stage.name!r}: every group had identical rewards in "
+                             f"{t.max_sampling_rounds} sampling round(s); raise [train] max_sampling_rounds")
+        rollouts = Rollouts.concat(kept, pad_token_id=self.tokenizer.pad_token_id)
+        if t.drop_uniform_groups:
+            rollouts = _first_groups(rollouts, t.prompts_per_step)
+        return rollouts, first_stats, rounds
+
+    def _score(self, rollouts: Rollouts, rewards: list[Any],
+               specs: list[ComponentSpec]) -> tuple[torch.Tensor, dict[str, float]]:
+        total = None
+        stats: dict[str, float] = {}
+        for i, (reward, spec) in enumerate(zip(rewards, specs)):
+            value = _guarded(spec, "reward", reward.score, rollouts).float().cpu()
+            if value.shape[0] != len(rollouts):
+                raise ComponentError(f"[{spec.section}] use = {spec.use!r}: score() returned {value.shape[0]} "
+                                     f"values for {len(rollouts)} completions")
+            per_sample = value if value.dim() == 1 else value.sum(dim=1)
+            stats[f"reward/{spec.name}"] = float(per_sample.mean().item())
+            if i == 0:
+                stats["accuracy"] = float((per_sample >= ACCURACY_THRESHOLD).float().mean().item())
+            weighted = spec.weight * value
+            if total is None:
+                total = weighted
+            elif total.dim() != weighted.dim():  # mix of outcome and process rewards: put outcome on last token
+                raise ComponentError(f"[{spec.section}]: cannot add a per-token reward to a per-completion "
+                                     "reward; use one kind in a recipe")
+            else:
+                total = total + weighted
+        if total is None:
+            total = torch.zeros(len(rollouts))
+        stats["reward"] = float((total if total.dim() == 1 else total.sum(1)).mean().item())
+        stats["reward_std"] = float((total if total.dim() == 1 else total.sum(1)).std(unbiased=False).item())
+        return total, stats
+
+    def _forward(self, rollouts: Rollouts, grad: bool, values: bool = False, entropy: bool = False) -> ForwardOut:
+        ctx = nullcontext() if grad else torch.no_grad()
+        with ctx, self.accelerator.autocast():
+            return score_completions(self.model, rollouts, self.value_head if values else None, entropy)
+
+    def _update(self, rollouts: Rollouts, loss_fn: Any, spec: ComponentSpec, needs: set[str], t: Any,
+                on_policy_single_pass: bool) -> dict[str, float]:
+        n = len(rollouts)
+        stats_sum: dict[str, float] = {}
+        count = 0
+        skipped = 0
+        for _ in range(t.ppo_epochs):
+            order = torch.randperm(n, generator=self.rng)
+            for mb_index in order.tensor_split(t.mini_batches):
+                mini = rollouts.select(mb_index)
+                micro_size = t.micro_batch_size or len(mini)
+                chunks = torch.arange(len(mini)).split(micro_size)
+                for ci, chunk in enumerate(chunks):
+                    micro = mini.select(chunk)
+                    sync = self.accelerator.no_sync(self.model) if ci < len(chunks) - 1 else nullcontext()
+                    with sync:
+                        out = self._forward(micro, grad=True, values="values" in needs, entropy="entropy" in needs)
+                        if on_policy_single_pass and "old_logprobs" in needs:
+                            micro.old_logprobs = out.logprobs.detach()  # same weights: no second forward
+                        extra = {}
+                        if out.entropy is not None:
+                            extra["entropy"] = out.entropy
+                        if out.values is not None:
+                            extra["values"] = out.values
+                        loss, stats = _guarded(spec, "loss", loss_fn.compute, micro, out.logprobs, **extra)
+                        self.accelerator.backward(loss * (len(chunk) / len(mini)))
+                    for k, v in {"loss": float(loss.item()), **stats}.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+                    count += 1
+                grad_norm = self._clip(t.max_grad_norm)
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:
+                    skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + grad_norm * len(chunks)
+        out_stats = {k: v / max(count, 1) for k, v in stats_sum.items()}
+        if skipped:
+            out_stats["skipped_updates"] = float(skipped)
+        return out_stats
+
+    def _clip(self, max_norm: float) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return 0.0
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        return float(norm)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _evaluate(self, stage: Stage, built: dict[str, Any], label: str) -> dict[str, float]:
+        rewards, specs = built["reward"], stage.components["reward"]
+        if not rewards:  # e.g. an SFT stage: score with the first stage that defines rewards
+            for other in self.recipe.stages:
+                if other.components["reward"]:
+                    rewards, specs = self._build(other)["reward"], other.components["reward"]
+                    break
+        if not rewards or not self.eval_prompts:
+            return {}
+        sampler = built.get("sampler")
+        max_new = self.recipe.eval.max_new_tokens or _max_new_tokens(self.recipe) or 64
+        policy = Policy(self.policy_model, self.tokenizer)
+        batches = []
+        size = self.recipe.eval.batch_size
+        for start in range(0, len(self.eval_prompts), size):
+            batches.append(generate(policy, self.eval_prompts[start:start + size], 1, max_new_tokens=max_new,
+                                    do_sample=False, chat_template=getattr(sampler, "chat_template", False)))
+        rollouts = Rollouts.concat(batches, pad_token_id=self.tokenizer.pad_token_id)
+        _, stats = self._score(rollouts, rewards, specs)
+        result = {"eval/accuracy": stats["accuracy"], "eval/reward": stats["reward"],
+                  "eval/completion_len": float(rollouts.lengths.float().mean().item())}
+        self.eval_results[label] = result
+        if self.metrics:
+            self.metrics.write({"step": self.state.step, "stage": stage.name, "eval": label, **result})
+        self.view.message(f"eval after {label!r} (step {self.state.step}): accuracy "
+                          f"{result['eval/accuracy']:.3f} on {len(rollouts)} held-out prompts, "
+                          f"reward {result['eval/reward']:.3f}")
+        return result
+
+    # -------------------------------------------------------------------------------- outputs
+    def save(self, path: Path) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        self.policy_model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if self.value_head is not None:
+            from safetensors.torch import save_file
+            save_file(self.value_head.state_dict(), str(tmp / "value_head.safetensors"))
+        if path.exists():
+            import shutil
+            shutil.rmtree(path)
+        tmp.rename(path)
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        last = self.state.last_metrics
+        summary: dict[str, Any] = {"steps": self.state.step, "seconds": round(seconds, 1)}
+        for key in ("reward", "accuracy", "kl", "loss", "completion_len", "tokens_per_s"):
+            if key in last:
+                summary[f"last/{key}"] = last[key]
+        for label, result in self.eval_results.items():
+            summary[f"eval/{label}/accuracy"] = result["eval/accuracy"]
+        return summary
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            self.view.console.print(summary_table(f"run summary: {self.output_dir}", summary))
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _guarded(spec: ComponentSpec, kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a component method; an exception is re-raised naming plugin, kind and recipe section."""
+    try:
+        return fn(*args, **kwargs)
+    except RlctlError:
+        raise
+    except Exception as exc:
+        try:
+            plugin = plugins.registry().get(kind, spec.use).plugin
+        except Exception:  # pragma: no cover - the component was built from the registry
+            plugin = "?"
+        raise ComponentError(f"{kind} {spec.use!r} (plugin {plugin}, recipe section [{spec.section}]) "
+                             f"raised {type(exc).__name__}: {exc}") from exc
+
+
+def _drop_uniform_groups(rollouts: Rollouts) -> Rollouts:
+    """Keep only groups whose rewards are not all equal (they carry no group-relative signal)."""
+    r = rollouts.rewards if rollouts.rewards.dim() == 1 else rollouts.rewards.sum(1)
+    keep = []
+    for g in torch.unique(rollouts.group_ids):
+        idx = (rollouts.group_ids == g).nonzero().flatten()
+        if r[idx].max() > r[idx].min():
+            keep.append(idx)
+    if not keep:
+        return rollouts.select(torch.zeros(0, dtype=torch.long))
+    return rollouts.select(torch.cat(keep))
+
+
+def _first_groups(rollouts: Rollouts, k: int) -> Rollouts:
+    groups = torch.unique(rollouts.group_ids, sorted=True)[:k]
+    return rollouts.select(torch.isin(rollouts.group_ids, groups).nonzero().flatten())
+
+
+def _max_new_tokens(recipe: Recipe) -> int:
+    for stage in reversed(recipe.stages):
+        spec = stage.components["sampler"]
+        if spec is not None and "max_new_tokens" in spec.options:
+            return int(spec.options["max_new_tokens"])
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("rlctl", "torch", "transformers", "accelerate", "pluggy", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+

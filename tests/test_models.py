@@ -1,0 +1,126 @@
+"""Models, generation and the Rollouts data model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlctl.errors import RecipeError
+from rlctl.generation import completion_mask, generate
+from rlctl.models import TINY_MARKER, build_tiny_model, build_tokenizer, score_completions, selective_logprobs
+from rlctl.rollouts import Prompt, Rollouts
+
+
+def test_tokenizer_round_trips_text():
+    tok = build_tokenizer()
+    text = "12+7=19 The answer is \\boxed{1/2}."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_tiny_model_is_built_once_and_loads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert (tiny_model_dir / "model.safetensors").exists()
+    assert (tiny_model_dir / TINY_MARKER).exists()
+    stamp = (tiny_model_dir / "model.safetensors").stat().st_mtime_ns
+    again = build_tiny_model(tiny_model_dir, arch="llama", hidden_size=32, num_layers=2, num_heads=2)
+    assert again == tiny_model_dir and (tiny_model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
+
+
+def test_tiny_model_never_overwrites_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "weights.bin").write_text("precious")
+    with pytest.raises(RecipeError, match="refusing to overwrite"):
+        build_tiny_model(tmp_path / "mine", hidden_size=16, num_layers=1, num_heads=2)
+    assert (tmp_path / "mine" / "weights.bin").read_text() == "precious"
+
+
+def test_qwen2_tiny_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model(tmp_path / "q", arch="qwen2", hidden_size=16, num_layers=1, num_heads=2)
+    assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "qwen2"
+
+
+def test_selective_logprobs_and_entropy():
+    logits = torch.randn(3, 5, 11)
+    targets = torch.randint(0, 11, (3, 5))
+    logp, ent = selective_logprobs(logits, targets, temperature=0.7, with_entropy=True)
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp, ref)
+    _, uniform = selective_logprobs(torch.zeros(1, 1, 11), torch.zeros(1, 1, dtype=torch.long), with_entropy=True)
+    assert uniform.item() == pytest.approx(math.log(11), abs=1e-5)  # uniform over V -> log V
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    assert completion_mask(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_generate_groups_and_masks(tiny_policy):
+    torch.manual_seed(0)
+    prompts = [Prompt("1+1=", answer="2"), Prompt("12+30=", answer="42")]
+    r = generate(tiny_policy, prompts, group_size=3, max_new_tokens=5)
+    assert len(r) == 6
+    assert r.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert r.prompts[:3] == ["1+1="] * 3 and r.info[4]["answer"] == "42"
+    assert r.completion_ids.shape[1] <= 5
+    pad = tiny_policy.tokenizer.pad_token_id
+    assert (r.completion_ids[r.completion_mask == 0] == pad).all()
+    # prompts are left-padded: the shorter prompt starts with padding
+    assert r.prompt_mask[0, 0].item() == 0 and r.prompt_mask[3].all()
+
+
+def test_scoring_is_independent_of_padding(tiny_policy):
+    """Left padding (with shifted position ids) must not change any completion log-prob."""
+    torch.manual_seed(1)
+    prompts = [Prompt("3+4="), Prompt("123+456=")]
+    batch = generate(tiny_policy, prompts, group_size=1, max_new_tokens=6)
+    together = score_completions(tiny_policy.model, batch).logprobs
+    for i, p in enumerate(prompts):
+        alone_batch = batch.select([i])
+        keep = alone_batch.prompt_mask[0].bool()
+        alone_batch.prompt_ids = alone_batch.prompt_ids[:, keep]
+        alone_batch.prompt_mask = alone_batch.prompt_mask[:, keep]
+        alone = score_completions(tiny_policy.model, alone_batch).logprobs
+        m = batch.completion_mask[i].bool()
+        torch.testing.assert_close(together[i][m], alone[0][m], atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_matches_a_manual_forward(tiny_policy):
+    tok, model = tiny_policy.tokenizer, tiny_policy.model
+    ids = tok("5+5=10", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    r = Rollouts(prompt_ids=ids[:, :4], prompt_mask=torch.ones(1, 4, dtype=torch.long),
+                 completion_ids=ids[:, 4:], completion_mask=torch.ones(1, 2, dtype=torch.long),
+                 group_ids=torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = torch.log_softmax(logits[0, 3:5], -1).gather(-1, ids[0, 4:6, None]).squeeze(-1)
+        got = score_completions(model, r).logprobs[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _rollouts(n: int, t: int, p: int = 2) -> Rollouts:
+    return Rollouts(prompt_ids=torch.arange(n * p).reshape(n, p), prompt_mask=torch.ones(n, p),
+                    completion_ids=torch.arange(n * t).reshape(n, t), completion_mask=torch.ones(n, t),
+                    group_ids=torch.arange(n), rewards=torch.arange(n, dtype=torch.float32),
+                    completions=[f"c{i}" for i in range(n)], info=[{"i": i} for i in range(n)])
+
+
+def test_rollouts_select_and_concat():
+    r = _rollouts(4, 3)
+    sub = r.select([2, 0])
+    assert sub.rewards.tolist() == [2.0, 0.0] and sub.completions == ["c2", "c0"] and sub.info[0] == {"i": 2}
+    joined = Rollouts.concat([r, _rollouts(2, 5, p=3)], pad_token_id=-1)
+    assert joined.completion_ids.shape == (6, 5) and joined.prompt_ids.shape == (6, 3)
+    assert joined.completion_ids[0].tolist() == [0, 1, 2, -1, -1]  # completions pad on the right
+    assert joined.prompt_ids[0].tolist() == [-1, 0, 1]  # prompts pad on the left
+    assert joined.completion_mask[0].tolist() == [1, 1, 1, 0, 0]
+    assert joined.rewards.tolist() == [0, 1, 2, 3, 0, 1]
