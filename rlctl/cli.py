@@ -34,10 +34,9 @@ def _recipe_path(recipe: str) -> Path:
     path = Path(recipe)
     if path.exists() or path.suffix:
         return path
-    from importlib import resources
+    from rlctl.scaffold import shipped_recipe
 
-    shipped = resources.files("rlctl_recipes") / f"{recipe}.toml"
-    return Path(str(shipped)) if shipped.is_file() else path
+    return shipped_recipe(recipe) or path
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,22 +84,96 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 @cli.command(name="plugins")
 @click.option("--kind", type=click.Choice(["sampler", "reward", "advantage", "loss", "scheduler"]),
               help="Only this kind of component.")
-def plugins_cmd(kind: str | None) -> None:
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also show each component's description and options (name, type, default).")
+def plugins_cmd(kind: str | None, verbose: bool) -> None:
     """List the components every installed plugin provides: name, kind, package, version."""
     from rlctl import plugins
 
     reg = plugins.registry()
-    table = Table(show_header=True, header_style="bold")
-    for column in ("kind", "name", "plugin", "package", "version"):
-        table.add_column(column)
-    for comp in plugins.components():
-        if kind is None or comp.kind == kind:
+    shown = [comp for comp in plugins.components() if kind is None or comp.kind == kind]
+    if verbose:
+        _print_verbose(shown)
+    else:
+        table = Table(show_header=True, header_style="bold")
+        for column in ("kind", "name", "plugin", "package", "version"):
+            table.add_column(column)
+        for comp in shown:
             table.add_row(comp.kind, comp.name, comp.plugin, comp.package, comp.version)
-    console.print(table)
+        console.print(table)
     for message in reg.conflicts.values():
         err_console.print(f"[yellow]conflict:[/] {escape(message)}", highlight=False)
     for message in reg.failed.values():
         err_console.print(f"[red]failed:[/] {escape(message)}", highlight=False)
+
+
+def _print_verbose(components: list) -> None:
+    """One block per component: header, docstring summary, then its options (plain text, no wrapping)."""
+    from rlctl.scaffold import describe_factory, format_options
+
+    for i, comp in enumerate(components):
+        info = describe_factory(comp.factory)
+        if i:
+            click.echo()
+        click.echo(f"{comp.kind} {comp.name}  (plugin {comp.plugin}, package {comp.package} {comp.version})")
+        if info.summary:
+            click.echo(f"  {info.summary}")
+        for line in format_options(info, indent="    "):
+            click.echo(line)
+
+
+@cli.group(name="new")
+def new_group() -> None:
+    """Create a recipe from a template, or a plugin package that adds components."""
+
+
+@new_group.command(name="recipe")
+@click.argument("name", required=False)
+@click.option("--from", "template", metavar="TEMPLATE", help="The template: a recipe shipped with rlctl (see --list).")
+@click.option("--output", "-o", type=click.Path(), help="File to write, or a folder for NAME.toml (default: ./NAME.toml).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--list", "list_templates", is_flag=True, help="List the templates and exit.")
+def new_recipe_cmd(name: str | None, template: str | None, output: str | None, force: bool,
+                   list_templates: bool) -> None:
+    """Write recipe NAME.toml from a template, with comments on how to run and change it."""
+    from rlctl.scaffold import new_recipe, recipe_templates, template_summary
+
+    templates = recipe_templates()
+    if list_templates:
+        width = max((len(t) for t in templates), default=0)
+        for tname, path in templates.items():
+            click.echo(f"{tname:<{width}}  {template_summary(path)}".rstrip())
+        return
+    if not name:
+        raise click.UsageError("missing NAME (or pass --list to see the templates)")
+    if not template:
+        raise click.UsageError(f"missing --from TEMPLATE; templates: {', '.join(templates)}")
+    written = new_recipe(name, template, output, force)
+    recipe = written[0]
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: rlctl validate {recipe}  then  rlctl run {recipe}")
+
+
+@new_group.command(name="plugin")
+@click.argument("name")
+@click.option("--kind", "kinds", multiple=True, metavar="KIND",
+              help="Kind of component to provide: sampler, reward, advantage, loss, scheduler, observer or "
+                   "all (repeat or separate with commas; default: reward).")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Folder in which to create the package folder NAME (default: the current folder).")
+@click.option("--force", is_flag=True, help="Write into an existing, non-empty package folder.")
+def new_plugin_cmd(name: str, kinds: tuple[str, ...], output: str | None, force: bool) -> None:
+    """Create NAME/, a pip-installable plugin package with a working example component per kind,
+    tests, a README and an example recipe."""
+    from rlctl.scaffold import new_plugin, plugin_names
+
+    root = new_plugin(name, kinds, output, force)
+    module = plugin_names(name).module
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        click.echo(f"wrote {path}")
+    click.echo(f"next: pip install -e {root}  then  rlctl plugins --verbose  and  "
+               f"rlctl run {root / 'recipes' / 'example.toml'}  (components: use = \"{module}\")")
 
 
 @cli.command(name="tiny-model")

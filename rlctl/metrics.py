@@ -79,12 +79,12 @@ class LiveView:
         elif (step + 1) % self.every == 0 or step + 1 == self.total:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / (step + 1) * (self.total - step - 1)
-            self.console.print(f"step {step + 1}/{self.total} [{stage}]  {shown}  eta {eta:.0f}s",
-                               highlight=False)
+            self.console.print(escape(f"step {step + 1}/{self.total} [{stage}]  {shown}  eta {eta:.0f}s"),
+                               highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.console.print(escape(text), highlight=False)
+            self.console.print(escape(text), highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:

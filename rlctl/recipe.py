@@ -54,7 +54,7 @@ class TrainConfig:
     group_size: int = 8
     ppo_epochs: int = 1  # optimisation passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass
-    micro_batch_size: int = 0  # samples per forward/backward (gradient accumulation); 0 = whole mini-batch
+    micro_batch_size: int = 0  # samples per forward/backward (whole groups; gradient accumulation); 0 = whole mini-batch
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -349,10 +349,9 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
             problems.append(f"{where} max_grad_norm = {st.max_grad_norm}: must be >= 0 (0 disables clipping)")
         if st.micro_batch_size < 0:
             problems.append(f"{where} micro_batch_size = {st.micro_batch_size}: must be >= 0")
-        batch = st.prompts_per_step * st.group_size
-        if batch >= 1 and st.mini_batches > batch:
-            problems.append(f"{where} mini_batches = {st.mini_batches}: larger than the batch of "
-                            f"{batch} completions (prompts_per_step x group_size)")
+        if st.prompts_per_step >= 1 and st.mini_batches > st.prompts_per_step:
+            problems.append(f"{where} mini_batches = {st.mini_batches}: more than prompts_per_step = "
+                            f"{st.prompts_per_step} (mini-batches hold whole groups)")
     if recipe.eval.num_prompts < 0 or recipe.eval.every < 0:
         problems.append("[eval] num_prompts and every must be >= 0")
 

@@ -245,6 +245,8 @@ class Trainer:
                                      f"values for {len(rollouts)} completions")
             per_sample = value if value.dim() == 1 else value.sum(dim=1)
             stats[f"reward/{spec.name}"] = float(per_sample.mean().item())
+            for key, count in (getattr(reward, "last_stats", None) or {}).items():
+                stats[f"reward/{spec.name}/{key}"] = float(count)  # e.g. timeouts of a code sandbox
             if i == 0:
                 stats["accuracy"] = float((per_sample >= ACCURACY_THRESHOLD).float().mean().item())
             weighted = spec.weight * value
@@ -268,16 +270,13 @@ class Trainer:
 
     def _update(self, rollouts: Rollouts, loss_fn: Any, spec: ComponentSpec, needs: set[str], t: Any,
                 on_policy_single_pass: bool) -> dict[str, float]:
-        n = len(rollouts)
         stats_sum: dict[str, float] = {}
         count = 0
         skipped = 0
         for _ in range(t.ppo_epochs):
-            order = torch.randperm(n, generator=self.rng)
-            for mb_index in order.tensor_split(t.mini_batches):
+            for mb_index in _group_batches(rollouts.group_ids, t.mini_batches, self.rng):
                 mini = rollouts.select(mb_index)
-                micro_size = t.micro_batch_size or len(mini)
-                chunks = torch.arange(len(mini)).split(micro_size)
+                chunks = _micro_batches(mini.group_ids, t.micro_batch_size)
                 for ci, chunk in enumerate(chunks):
                     micro = mini.select(chunk)
                     sync = self.accelerator.no_sync(self.model) if ci < len(chunks) - 1 else nullcontext()
@@ -342,9 +341,9 @@ class Trainer:
         self.eval_results[label] = result
         if self.metrics:
             self.metrics.write({"step": self.state.step, "stage": stage.name, "eval": label, **result})
-        self.view.message(f"eval after {label!r} (step {self.state.step}): accuracy "
-                          f"{result['eval/accuracy']:.3f} on {len(rollouts)} held-out prompts, "
-                          f"reward {result['eval/reward']:.3f}")
+        when = f"after stage {label!r}" if label == stage.name else f"at step {self.state.step}"
+        self.view.message(f"eval {when}: held-out accuracy {result['eval/accuracy']:.3f} "
+                          f"({len(rollouts)} prompts, greedy), reward {result['eval/reward']:.3f}")
         return result
 
     # -------------------------------------------------------------------------------- outputs
@@ -369,13 +368,21 @@ class Trainer:
         for key in ("reward", "accuracy", "kl", "loss", "completion_len", "tokens_per_s"):
             if key in last:
                 summary[f"last/{key}"] = last[key]
+        stage_names = {stage.name for stage in self.recipe.stages}
         for label, result in self.eval_results.items():
-            summary[f"eval/{label}/accuracy"] = result["eval/accuracy"]
+            if label in stage_names or label == "start":  # intermediate evaluations stay in metrics.jsonl
+                summary[f"eval/{label}/accuracy"] = result["eval/accuracy"]
         return summary
 
     def print_summary(self, summary: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            self.view.console.print(summary_table(f"run summary: {self.output_dir}", summary))
+        if not self.accelerator.is_main_process:
+            return
+        self.view.console.print(summary_table(f"run summary: {self.output_dir}", summary))
+        stage_evals = [(s.name, self.eval_results[s.name]["eval/accuracy"]) for s in self.recipe.stages
+                       if s.name in self.eval_results]
+        if stage_evals:
+            trail = " -> ".join(f"{acc:.3f} after {name}" for name, acc in stage_evals)
+            self.view.console.print(f"held-out accuracy: {trail}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -392,6 +399,35 @@ def _guarded(spec: ComponentSpec, kind: str, fn: Callable[..., Any], *args: Any,
             plugin = "?"
         raise ComponentError(f"{kind} {spec.use!r} (plugin {plugin}, recipe section [{spec.section}]) "
                              f"raised {type(exc).__name__}: {exc}") from exc
+
+
+def _group_batches(group_ids: torch.Tensor, parts: int, rng: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle whole groups and split them into ``parts`` mini-batches of sample indices.
+
+    Groups are never split, so that losses comparing completions of one prompt (DPO pairs,
+    group-normalised terms) always see the whole group.
+    """
+    groups = torch.unique(group_ids)
+    order = groups[torch.randperm(len(groups), generator=rng)]
+    return [torch.isin(group_ids, chunk).nonzero().flatten() for chunk in order.tensor_split(parts)
+            if len(chunk)]
+
+
+def _micro_batches(group_ids: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Consecutive whole groups of about ``size`` samples each (0: one micro-batch)."""
+    if size <= 0 or size >= len(group_ids):
+        return [torch.arange(len(group_ids))]
+    batches, current, count = [], [], 0
+    for g in torch.unique(group_ids, sorted=False).tolist():
+        idx = (group_ids == g).nonzero().flatten()
+        if current and count + len(idx) > size:
+            batches.append(torch.cat(current))
+            current, count = [], 0
+        current.append(idx)
+        count += len(idx)
+    if current:
+        batches.append(torch.cat(current))
+    return batches
 
 
 def _drop_uniform_groups(rollouts: Rollouts) -> Rollouts:
