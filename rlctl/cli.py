@@ -155,7 +155,7 @@ def new_recipe_cmd(name: str | None, template: str | None, output: str | None, f
     click.echo(f"next: rlctl validate {recipe}  then  rlctl run {recipe}")
 
 
-@new_group.command(name="plugin")
+@new_group.command(name="plugin", short_help="Create a pip-installable plugin package NAME/.")
 @click.argument("name")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
               help="Kind of component to provide: sampler, reward, advantage, loss, scheduler, observer or "

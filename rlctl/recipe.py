@@ -66,6 +66,10 @@ class TrainConfig:
     drop_uniform_groups: bool = False  # dynamic sampling: drop groups whose rewards are all equal
     max_sampling_rounds: int = 1  # extra sampling rounds to refill dropped groups
     save_final: bool = True
+    save_every: int = 0  # write a checkpoint every N steps (always at the end and on Ctrl-C)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    max_bad_steps: int = 3  # consecutive non-finite updates before the run aborts (with a checkpoint)
+    max_reward_failure_rate: float = 0.5  # share of completions a reward may fail on before the run stops
 
 
 # Keys a [[stage]] may set for itself (the rest of [train] is shared by the whole run).
@@ -352,6 +356,13 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         if st.prompts_per_step >= 1 and st.mini_batches > st.prompts_per_step:
             problems.append(f"{where} mini_batches = {st.mini_batches}: more than prompts_per_step = "
                             f"{st.prompts_per_step} (mini-batches hold whole groups)")
+    for key in ("save_every", "keep_checkpoints"):
+        if getattr(t, key) < 0:
+            problems.append(f"[train] {key} = {getattr(t, key)}: must be >= 0")
+    if t.max_bad_steps < 1:
+        problems.append(f"[train] max_bad_steps = {t.max_bad_steps}: must be >= 1")
+    if not 0 <= t.max_reward_failure_rate <= 1:
+        problems.append(f"[train] max_reward_failure_rate = {t.max_reward_failure_rate}: must be in [0, 1]")
     if recipe.eval.num_prompts < 0 or recipe.eval.every < 0:
         problems.append("[eval] num_prompts and every must be >= 0")
 

@@ -56,7 +56,10 @@ class OptionInfo:
         return type_text(self.annotation, sep)
 
     def default_text(self) -> str:
-        return "required" if self.required else toml_value(self.default)
+        """``required``, ``unset`` (a None default: leave the key out) or the default as TOML."""
+        if self.required:
+            return "required"
+        return "unset" if self.default is None else toml_value(self.default)
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def format_options(info: FactoryInfo, indent: str = "  ") -> list[str]:
         width = max(len(o.name) for o in info.options)
         twidth = max(len(o.type_text()) for o in info.options)
         lines = [f"{indent}{o.name:<{width}}  {o.type_text():<{twidth}}  "
-                 f"{'(required)' if o.required else '= ' + o.default_text()}".rstrip()
+                 f"{'= ' + o.default_text() if o.default is not None and not o.required else '(' + o.default_text() + ')'}"
                  for o in info.options]
     if info.takes_any:
         lines.append(f"{indent}(also accepts any other key)")
@@ -389,11 +392,25 @@ def _import_block(groups: Iterable[tuple[int, str]]) -> str:
 
     blocks = []
     for group in range(3):
-        lines = sorted(plain[group]) + [f"from {m} import {', '.join(sorted(n, key=order))}"
+        lines = sorted(plain[group]) + [_from_import(m, sorted(n, key=order))
                                         for m, n in sorted(names[group].items())]
         if lines:
             blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _from_import(module: str, names: list[str], width: int = 100) -> str:
+    line = f"from {module} import {', '.join(names)}"
+    if len(line) <= width:
+        return line
+    return f"from {module} import (\n" + "".join(f"    {n},\n" for n in names) + ")"
+
+
+def _all_list(names: list[str], width: int = 100) -> str:
+    line = f"__all__ = [{', '.join(json.dumps(n) for n in names)}]"
+    if len(line) <= width:
+        return line
+    return "__all__ = [\n" + "".join(f"    {json.dumps(n)},\n" for n in names) + "]"
 
 
 def new_plugin(name: str, kinds: Iterable[str] = DEFAULT_PLUGIN_KINDS, output: str | Path | None = None,
@@ -425,14 +442,14 @@ def new_plugin(name: str, kinds: Iterable[str] = DEFAULT_PLUGIN_KINDS, output: s
         imports=_import_block([(2, "from rlctl import hookimpl"),
                                *(line for kind in kinds for line in _IMPORTS[kind])]),
         components=components,
-        init_exports=(f"\nfrom {names.module}.plugin import {', '.join(exported)}\n\n"
-                      f"__all__ = [{', '.join(repr(e) for e in exported)}]" if exported else ""),
+        init_exports=(f"\n{_from_import(names.module + '.plugin', sorted(exported))}\n\n"
+                      f"{_all_list(sorted(exported))}" if exported else ""),
         test_imports=_import_block([(0, "import math"), (0, "from importlib import metadata"),
                                     (0, "from pathlib import Path"), (1, "import pytest"),
                                     (2, "from rlctl import plugins, testing"),
                                     *(line for kind in kinds for line in _TEST_IMPORTS[kind])]),
-        test_plugin_imports=(f"from {names.module}.plugin import {', '.join(exported)}\n" if exported else ""),
-        registered_kinds=repr(registered),
+        test_plugin_imports=(_from_import(names.module + ".plugin", sorted(exported)) + "\n" if exported else ""),
+        registered_kinds="(" + ", ".join(json.dumps(k) for k in registered) + ("," if len(registered) == 1 else "") + ")",
         tests=tests,
         recipe_sections=_recipe_sections(kinds, values),
     )
@@ -507,6 +524,6 @@ def dataclass_fields(cls: type) -> list[tuple[str, str, str, str]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = _MISSING
-        rows.append((f.name, type_text(hints[f.name], " or "),
-                     "required" if default is _MISSING else toml_value(default), comments.get(f.name, "")))
+        text = "required" if default is _MISSING else "unset" if default is None else toml_value(default)
+        rows.append((f.name, type_text(hints[f.name], " or "), text, comments.get(f.name, "")))
     return rows

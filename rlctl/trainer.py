@@ -6,9 +6,13 @@ No algorithm lives here: what gets computed is decided by the components' ``requ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +21,8 @@ from typing import Any, Callable
 import torch
 
 from rlctl import plugins
+from rlctl.checkpoint import (Snapshot, checkpoint_dir, load_optimizer, load_state, load_weights, resolve_resume,
+                              restore_rng, save_checkpoint)
 from rlctl.components import requirements, stage_needs
 from rlctl.data import PromptStream, load_prompts
 from rlctl.errors import ComponentError, RecipeError, RlctlError
@@ -32,7 +38,7 @@ ACCURACY_THRESHOLD = 1.0  # a completion is "correct" when the first reward scor
 
 class Trainer:
     def __init__(self, recipe: Recipe, output_dir: str | Path | None = None, overwrite: bool = False,
-                 show_progress: bool = True):
+                 show_progress: bool = True, resume: str | None = None):
         from accelerate import Accelerator
 
         self.recipe = recipe
@@ -49,14 +55,24 @@ class Trainer:
         self.reference: torch.nn.Module | None = None
         self.initial_reference: torch.nn.Module | None = None
         self.eval_results: dict[str, dict[str, float]] = {}
+        self.resume = resume
+        self.stop_requested = False  # set by the first Ctrl-C / SIGTERM
+        self.bad_steps = 0  # consecutive steps whose update was skipped for non-finite values
 
     # ------------------------------------------------------------------------------------ setup
     def _prepare_output_dir(self) -> None:
+        if self.resume:
+            self.checkpoint = resolve_resume(self.output_dir, self.resume)
+            self.resume_state = load_state(self.checkpoint)
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.resume_state["step"])
+            return
         if (self.output_dir / "metrics.jsonl").exists() and not self.overwrite:
             raise RlctlError(f"run directory {self.output_dir} already holds a run; pass --overwrite to "
                              "replace it or --output-dir to choose another")
-        if self.overwrite and (self.output_dir / "metrics.jsonl").exists():
-            (self.output_dir / "metrics.jsonl").unlink()
+        if self.overwrite:
+            for stale in ("metrics.jsonl", "summary.json"):
+                (self.output_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(checkpoint_dir(self.output_dir), ignore_errors=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "recipe.resolved.toml").write_text(dumps_toml(resolved_dict(self.recipe)))
         (self.output_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
@@ -65,7 +81,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(self.recipe.train.seed)
-        self.model, self.tokenizer = load_policy(self.recipe.model)
+        model_cfg = self.recipe.model
+        if self.resume:  # the checkpoint's weights replace the recipe's starting point
+            model_cfg = dataclasses.replace(model_cfg, name=str(self.checkpoint / "policy"), tiny=None)
+        self.model, self.tokenizer = load_policy(model_cfg)
         self.model.train()
         self.model = self.accelerator.prepare_model(self.model)
         train_prompts, self.eval_prompts = load_prompts(self.recipe.data)
@@ -73,7 +92,11 @@ class Trainer:
         self.eval_prompts = self.eval_prompts[: self.recipe.eval.num_prompts]
         # a reference frozen at the start of the run, only if some stage asks for it
         if any(s.train.reference == "initial" and "ref_logprobs" in self._stage_needs(s) for s in self.recipe.stages):
-            self.initial_reference = frozen_copy(self.policy_model)
+            if self.resume:  # the initial policy is the recipe's model, not the checkpoint's
+                initial, _ = load_policy(self.recipe.model)
+                self.initial_reference = frozen_copy(initial.to(self.accelerator.device))
+            else:
+                self.initial_reference = frozen_copy(self.policy_model)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
         self.rng = torch.Generator().manual_seed(self.recipe.train.seed)  # mini-batch shuffling
 
@@ -91,13 +114,23 @@ class Trainer:
         self._prepare_output_dir()
         self._setup()
         started = time.perf_counter()
+        first_stage, start_step = 0, 0
+        if self.resume:
+            first_stage, start_step = self.resume_state["stage_index"], self.resume_state["stage_step"]
+            self.state.step = self.resume_state["step"]
+            self.stream.load_state_dict(self.resume_state["data"])
+            self.eval_results = self.resume_state["eval_results"]
+            self.bad_steps = self.resume_state["consecutive_bad_steps"]
+            self.view.message(f"resuming from {self.checkpoint} at step {self.state.step}")
+        restore_signals = self._install_signal_handlers()
         try:
             plugins.hook().rlctl_on_run_start(state=self.state)
-            if self.recipe.eval.at_start and self.eval_prompts:
+            if self.recipe.eval.at_start and self.eval_prompts and not self.resume:
                 self._evaluate(self.recipe.stages[0], self._build(self.recipe.stages[0]), label="start")
-            for stage in self.recipe.stages:
-                self._run_stage(stage)
+            for index in range(first_stage, len(self.recipe.stages)):
+                self._run_stage(index, start_step if index == first_stage else 0)
         finally:
+            restore_signals()
             self.view.close()
             if self.metrics:
                 self.metrics.close()
@@ -116,7 +149,8 @@ class Trainer:
             raise RecipeError(problems, source=self.recipe.source)
         return built
 
-    def _run_stage(self, stage: Stage) -> None:
+    def _run_stage(self, index: int, start_step: int = 0) -> None:
+        stage = self.recipe.stages[index]
         built = self._build(stage)
         needs = stage_needs(built)
         specs = stage.components
@@ -134,15 +168,29 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=stage.train.lr, betas=tuple(stage.train.adam_betas),
                                       weight_decay=stage.train.weight_decay)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
-        for stage_step in range(stage.steps):
+        if self.resume and start_step > 0:  # mid-stage: the stage's optimizer, reference and RNG continue
+            self._restore_stage(built)
+        elif self.resume and index == self.resume_state["stage_index"]:
+            restore_rng(self.checkpoint, self.resume_state, self.rng)
+        t = self.recipe.train
+        for stage_step in range(start_step, stage.steps):
             self.state.stage_step = stage_step
             self._step(stage, built, specs, needs)
             self.state.step += 1
+            last = stage_step + 1 == stage.steps
             every = self.recipe.eval.every
-            if every and self.state.step % every == 0 and stage_step + 1 < stage.steps:
+            if every and self.state.step % every == 0 and not last:
                 self._evaluate(stage, built, label=f"step{self.state.step}")
-        if self.eval_prompts:
-            self._evaluate(stage, built, label=stage.name)
+            if last and self.eval_prompts:
+                self._evaluate(stage, built, label=stage.name)
+            periodic = t.save_every and self.state.step % t.save_every == 0
+            end_of_run = last and index == len(self.recipe.stages) - 1
+            if periodic or end_of_run or self.stop_requested:
+                where = self._save_checkpoint(index, stage_step + 1, built)
+            if self.stop_requested:
+                raise Interrupted(
+                    f"interrupted after step {self.state.step}; checkpoint written to {where}. Resume with: "
+                    f"rlctl run {self.recipe.source} --output-dir {self.output_dir} --resume latest")
 
     # ---------------------------------------------------------------------------------- a step
     def _step(self, stage: Stage, built: dict[str, Any], specs: dict[str, Any], needs: set[str]) -> None:
@@ -180,6 +228,9 @@ class Trainer:
                 rollouts.ref_logprobs = ref.logprobs
         if "advantages" in needs:
             rollouts.advantages = _guarded(specs["advantage"], "advantage", built["advantage"].compute, rollouts)
+        observe = getattr(built["sampler"], "observe", None)
+        if observe is not None:  # e.g. prompt-difficulty posteriors learn from this batch's rewards
+            _guarded(specs["sampler"], "sampler", observe, rollouts)
 
         update_stats = self._update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass)
         elapsed = time.perf_counter() - t0
@@ -198,6 +249,7 @@ class Trainer:
             self.metrics.write(metrics)
         self.view.update(state.step, stage.name, metrics)
         plugins.hook().rlctl_on_step_end(state=state, metrics=metrics)
+        self._check_finite(update_stats, stage)
 
     def _collect(self, stage: Stage, built: dict[str, Any], specs: dict[str, Any],
                  need_rewards: bool) -> tuple[Rollouts, dict[str, float], int]:
@@ -208,7 +260,9 @@ class Trainer:
         first_stats: dict[str, float] = {}
         groups_kept, rounds, next_group = 0, 0, 0
         while rounds < t.max_sampling_rounds and groups_kept < t.prompts_per_step:
-            prompts = self.stream.next_batch(t.prompts_per_step)
+            # a prompt-selecting sampler sees more candidates than it keeps (``candidates_per_prompt``)
+            oversample = int(getattr(built["sampler"], "candidates_per_prompt", 1) or 1)
+            prompts = self.stream.next_batch(t.prompts_per_step * oversample)
             batch = _guarded(specs["sampler"], "sampler", built["sampler"].sample, policy, prompts,
                              t.group_size)
             batch.group_ids = batch.group_ids + next_group
@@ -239,7 +293,9 @@ class Trainer:
         total = None
         stats: dict[str, float] = {}
         for i, (reward, spec) in enumerate(zip(rewards, specs)):
-            value = _guarded(spec, "reward", reward.score, rollouts).float().cpu()
+            value, failed = self._score_one(reward, spec, rollouts)
+            if failed:
+                stats[f"reward/{spec.name}/failed"] = float(failed)
             if value.shape[0] != len(rollouts):
                 raise ComponentError(f"[{spec.section}] use = {spec.use!r}: score() returned {value.shape[0]} "
                                      f"values for {len(rollouts)} completions")
@@ -315,6 +371,95 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
         return float(norm)
+
+    def _score_one(self, reward: Any, spec: ComponentSpec, rollouts: Rollouts) -> tuple[torch.Tensor, int]:
+        """Score a batch; if the reward raises, score sample by sample and give failed samples 0."""
+        try:
+            return _guarded(spec, "reward", reward.score, rollouts).float().cpu(), 0
+        except ComponentError as batch_error:
+            scores, failed, last_error = [], 0, batch_error
+            for i in range(len(rollouts)):
+                try:
+                    scores.append(reward.score(rollouts.select([i])).float().cpu().reshape(-1)[0])
+                except Exception as exc:
+                    scores.append(torch.tensor(0.0))
+                    failed, last_error = failed + 1, exc
+            limit = self.recipe.train.max_reward_failure_rate
+            if failed > limit * len(rollouts):
+                raise ComponentError(f"reward {spec.use!r} (plugin {_plugin_of('reward', spec)}, recipe section "
+                                     f"[{spec.section}]) failed on {failed} of {len(rollouts)} completions, above "
+                                     f"[train] max_reward_failure_rate = {limit}; last error: "
+                                     f"{type(last_error).__name__}: {last_error}") from batch_error
+            self.view.message(f"warning: reward {spec.use!r} failed on {failed} completion(s), scored 0: "
+                              f"{type(last_error).__name__}: {last_error}")
+            return torch.stack(scores), failed
+
+    def _check_finite(self, update_stats: dict[str, float], stage: Stage) -> None:
+        if not update_stats.get("skipped_updates"):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.view.message(f"warning: step {self.state.step}: non-finite loss or gradient, update skipped "
+                          f"({self.bad_steps} in a row)")
+        limit = self.recipe.train.max_bad_steps
+        if self.bad_steps >= limit:
+            index = self.recipe.stages.index(stage)
+            where = self._save_checkpoint(index, self.state.stage_step + 1, None, step=self.state.step + 1)
+            raise RlctlError(f"aborting: {self.bad_steps} consecutive steps with a non-finite loss or gradient "
+                             f"([train] max_bad_steps = {limit}); checkpoint written to {where}. Lower the "
+                             "learning rate or check the rewards, then resume with --resume latest")
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, stage_index: int, next_stage_step: int, built: dict[str, Any] | None,
+                         step: int | None = None) -> Path | None:
+        stage = self.recipe.stages[stage_index]
+        if next_stage_step >= stage.steps:  # the stage is done: resume at the start of the next one
+            stage_index, next_stage_step = stage_index + 1, 0
+        built = built if built is not None else self.state.components
+        snap = Snapshot(step=self.state.step if step is None else step, stage_index=stage_index,
+                        stage_step=next_stage_step, data_state=self.stream.state_dict(),
+                        component_states=_component_states(built), eval_results=self.eval_results,
+                        consecutive_bad_steps=self.bad_steps)
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        return save_checkpoint(self.output_dir, snap, model=self.policy_model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer, generator=self.rng, value_head=self.value_head,
+                               reference=self.reference if next_stage_step else None,
+                               keep=self.recipe.train.keep_checkpoints)
+
+    def _restore_stage(self, built: dict[str, Any]) -> None:
+        path = self.checkpoint
+        if self.value_head is not None and (path / "value_head.safetensors").exists():
+            load_weights(self.value_head, path / "value_head.safetensors")
+        if self.reference is not None and (path / "reference.safetensors").exists():
+            load_weights(self.reference, path / "reference.safetensors")
+        load_optimizer(self.optimizer, path)
+        for key, component in _components_by_key(built).items():
+            saved = self.resume_state["components"].get(key)
+            if saved is not None and hasattr(component, "load_state_dict"):
+                component.load_state_dict(saved)
+        restore_rng(path, self.resume_state, self.rng)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """First Ctrl-C / SIGTERM: stop after the current step with a checkpoint; second: stop now."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.view.message("stopping after this step and writing a checkpoint (Ctrl-C again to quit now)")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
 
     # ------------------------------------------------------------------------------ evaluation
     def _evaluate(self, stage: Stage, built: dict[str, Any], label: str) -> dict[str, float]:
@@ -393,12 +538,45 @@ def _guarded(spec: ComponentSpec, kind: str, fn: Callable[..., Any], *args: Any,
     except RlctlError:
         raise
     except Exception as exc:
-        try:
-            plugin = plugins.registry().get(kind, spec.use).plugin
-        except Exception:  # pragma: no cover - the component was built from the registry
-            plugin = "?"
-        raise ComponentError(f"{kind} {spec.use!r} (plugin {plugin}, recipe section [{spec.section}]) "
-                             f"raised {type(exc).__name__}: {exc}") from exc
+        raise ComponentError(f"{kind} {spec.use!r} (plugin {_plugin_of(kind, spec)}, recipe section "
+                             f"[{spec.section}]) raised {type(exc).__name__}: {exc}") from exc
+
+
+class Interrupted(RlctlError):
+    """The run was stopped by a signal after writing a checkpoint."""
+
+    exit_code = 130
+
+
+def _plugin_of(kind: str, spec: ComponentSpec) -> str:
+    try:
+        return plugins.registry().get(kind, spec.use).plugin
+    except Exception:  # pragma: no cover - the component was built from the registry
+        return "?"
+
+
+def _components_by_key(built: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for kind, value in built.items():
+        if isinstance(value, list):
+            out.update({f"{kind}[{i}]": v for i, v in enumerate(value)})
+        elif value is not None:
+            out[kind] = value
+    return out
+
+
+def _component_states(built: dict[str, Any]) -> dict[str, Any]:
+    """state_dict() of every component that has one (e.g. prompt statistics of a sampler)."""
+    return {key: c.state_dict() for key, c in _components_by_key(built).items() if hasattr(c, "state_dict")}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint at ``step`` (they will be produced again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and (
+        json.loads(line)["step"] < step or ("eval" in json.loads(line) and json.loads(line)["step"] <= step))]
+    path.write_text("".join(keep))
 
 
 def _group_batches(group_ids: torch.Tensor, parts: int, rng: torch.Generator) -> list[torch.Tensor]:

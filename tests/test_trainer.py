@@ -147,12 +147,13 @@ def test_refuses_to_overwrite_a_run(tiny_model_dir, tmp_path):
 
 
 def test_component_exception_names_plugin_and_section(tiny_model_dir, tmp_path, monkeypatch):
-    from rlctl_plugins.rewards import ExactAnswerReward
+    from rlctl_plugins.policy_loss import ClippedPolicyLoss
 
-    def broken(self, rollouts):
-        raise KeyError("answer")
+    def broken(self, rollouts, logprobs, **extra):
+        raise KeyError("advantages")
 
-    monkeypatch.setattr(ExactAnswerReward, "score", broken)
+    monkeypatch.setattr(ClippedPolicyLoss, "compute", broken)
     with pytest.raises(ComponentError) as info:
         run(tmp_path, grpo_recipe(tiny_model_dir, steps=1))
-    assert "reward 'exact' (plugin rlctl_plugins.rewards, recipe section [reward[0]]) raised KeyError" in str(info.value)
+    assert ("loss 'ppo_clip' (plugin rlctl_plugins.policy_loss, recipe section [loss]) raised KeyError"
+            in str(info.value))
