@@ -79,24 +79,24 @@ def hf(dataset: str, split: str = "train", eval_split: str = "", config: str = "
 SOURCES: dict[str, Callable[..., Split]] = {"arithmetic": arithmetic, "jsonl": jsonl, "hf": hf}
 
 
-def check_data_config(data: dict[str, Any], problems: list[str]) -> None:
+def check_data_config(data: dict[str, Any], problems: list[str], section: str = "data") -> None:
     from rlctl.recipe import check_call
 
     source = data.get("source", "arithmetic")
     if source not in SOURCES:
-        problems.append(f"[data] source = {source!r}: accepted values are {', '.join(SOURCES)}")
+        problems.append(f"[{section}] source = {source!r}: accepted values are {', '.join(SOURCES)}")
         return
     options = {k: v for k, v in data.items() if k != "source"}
     before = len(problems)
-    check_call(SOURCES[source], options, "data", problems)
+    check_call(SOURCES[source], options, section, problems)
     for key in ("path", "eval_path"):
         if options.get(key) and source == "jsonl" and not Path(options[key]).exists():
-            problems.append(f"[data] {key} = {options[key]!r}: file not found")
+            problems.append(f"[{section}] {key} = {options[key]!r}: file not found")
     if len(problems) == before and source != "hf":  # local sources are cheap: check their rows too
         try:
             load_prompts(data)
         except DataError as exc:
-            problems.append(str(exc))
+            problems.append(str(exc).replace("[data]", f"[{section}]", 1))
 
 
 def load_prompts(data: dict[str, Any]) -> Split:

@@ -44,6 +44,8 @@ DEFAULT_PLUGINS = (
     "rlctl_plugins.verifiers",
     "rlctl_plugins.code_exec",
     "rlctl_plugins.preference",
+    "rlctl_plugins.nested",
+    "rlctl_plugins.offpolicy",
 )
 
 

@@ -102,6 +102,7 @@ class Stage:
     steps: int
     train: TrainConfig
     components: dict[str, Any]  # kind -> ComponentSpec (list of them for "reward"), or None
+    data: dict[str, Any] | None = None  # the stage's own prompts (a curriculum); None: the recipe's [data]
 
 
 @dataclass
@@ -244,7 +245,9 @@ def parse_recipe(doc: dict[str, Any], source: str = "", check_components: bool =
     if check_components and not problems:
         from rlctl.data import check_data_config
         check_data_config(recipe.data, problems)
-        for stage in recipe.stages:
+        for i, stage in enumerate(recipe.stages):
+            if stage.data is not None:
+                check_data_config(stage.data, problems, section=f"stage[{i}].data")
             check_stage_components(stage, problems)
     if problems:
         raise RecipeError(problems, source=source)
@@ -257,7 +260,7 @@ def _parse_stage(i: int, sdoc: Any, train: TrainConfig, base: dict[str, Any],
     if not isinstance(sdoc, dict):
         problems.append(f"[{where}]: expected a table")
         return None
-    allowed = ("name", "steps", "train", *COMPONENT_SECTIONS)
+    allowed = ("name", "steps", "train", "data", *COMPONENT_SECTIONS)
     for key in sdoc:
         if key not in allowed:
             problems.append(unknown_key_message(f"{where}.{key}", key, allowed))
@@ -273,7 +276,13 @@ def _parse_stage(i: int, sdoc: Any, train: TrainConfig, base: dict[str, Any],
     for key in overrides:
         if key not in STAGE_TRAIN_KEYS:
             problems.append(unknown_key_message(f"{where}.train.{key}", key, STAGE_TRAIN_KEYS))
-    return _make_stage(str(name), steps, train, base, sdoc, where, problems, overrides)
+    stage = _make_stage(str(name), steps, train, base, sdoc, where, problems, overrides)
+    if "data" in sdoc:
+        if isinstance(sdoc["data"], dict):
+            stage.data = sdoc["data"]
+        else:
+            problems.append(f"[{where}.data]: expected a table like [data]")
+    return stage
 
 
 def _make_stage(name: str, steps: int, train: TrainConfig, base: dict[str, Any], sdoc: dict[str, Any],
@@ -562,6 +571,8 @@ def resolved_dict(recipe: Recipe) -> dict[str, Any]:
     stage_dicts = []
     for stage in recipe.stages:
         sd: dict[str, Any] = {"name": stage.name, "steps": stage.steps}
+        if stage.data is not None:
+            sd["data"] = stage.data
         changed = {k: getattr(stage.train, k) for k in STAGE_TRAIN_KEYS
                    if getattr(stage.train, k) != getattr(recipe.train, k)}
         if changed:

@@ -87,9 +87,8 @@ class Trainer:
         self.model, self.tokenizer = load_policy(model_cfg)
         self.model.train()
         self.model = self.accelerator.prepare_model(self.model)
-        train_prompts, self.eval_prompts = load_prompts(self.recipe.data)
-        self.stream = PromptStream(train_prompts, self.recipe.train.seed)
-        self.eval_prompts = self.eval_prompts[: self.recipe.eval.num_prompts]
+        self._data: dict[str, tuple[PromptStream, list]] = {}  # data table (as JSON) -> (stream, eval prompts)
+        self._use_data(self.recipe.data)
         # a reference frozen at the start of the run, only if some stage asks for it
         if any(s.train.reference == "initial" and "ref_logprobs" in self._stage_needs(s) for s in self.recipe.stages):
             if self.resume:  # the initial policy is the recipe's model, not the checkpoint's
@@ -99,6 +98,15 @@ class Trainer:
                 self.initial_reference = frozen_copy(self.policy_model)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
         self.rng = torch.Generator().manual_seed(self.recipe.train.seed)  # mini-batch shuffling
+
+    def _use_data(self, data: dict[str, Any]) -> None:
+        """Switch to the prompts of ``data`` (loaded once; each source keeps its own position)."""
+        key = json.dumps(data, sort_keys=True)
+        if key not in self._data:
+            train_prompts, eval_prompts = load_prompts(data)
+            self._data[key] = (PromptStream(train_prompts, self.recipe.train.seed),
+                               eval_prompts[: self.recipe.eval.num_prompts])
+        self.stream, self.eval_prompts = self._data[key]
 
     @property
     def policy_model(self) -> torch.nn.Module:
@@ -118,6 +126,8 @@ class Trainer:
         if self.resume:
             first_stage, start_step = self.resume_state["stage_index"], self.resume_state["stage_step"]
             self.state.step = self.resume_state["step"]
+            if first_stage < len(self.recipe.stages):
+                self._use_data(self.recipe.stages[first_stage].data or self.recipe.data)
             self.stream.load_state_dict(self.resume_state["data"])
             self.eval_results = self.resume_state["eval_results"]
             self.bad_steps = self.resume_state["consecutive_bad_steps"]
@@ -151,6 +161,7 @@ class Trainer:
 
     def _run_stage(self, index: int, start_step: int = 0) -> None:
         stage = self.recipe.stages[index]
+        self._use_data(stage.data or self.recipe.data)
         built = self._build(stage)
         needs = stage_needs(built)
         specs = stage.components

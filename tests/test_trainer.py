@@ -157,3 +157,20 @@ def test_component_exception_names_plugin_and_section(tiny_model_dir, tmp_path, 
         run(tmp_path, grpo_recipe(tiny_model_dir, steps=1))
     assert ("loss 'ppo_clip' (plugin rlctl_plugins.policy_loss, recipe section [loss]) raised KeyError"
             in str(info.value))
+
+
+def test_a_stage_can_bring_its_own_data(tiny_model_dir, tmp_path):
+    text = grpo_recipe(tiny_model_dir).replace("steps = 3\n", "") + """
+[[stage]]
+name = "easy"
+steps = 1
+
+[[stage]]
+name = "hard"
+steps = 1
+data = { source = "arithmetic", num_train = 30, num_eval = 4, ops = ["*"], max_operand = 9 }
+"""
+    trainer, _, rows = run(tmp_path, text)
+    assert all("*" in p.text for p in trainer.stream.prompts)  # the last stage's prompts
+    assert all("+" in p.text for p in trainer._data[next(iter(trainer._data))][0].prompts)
+    assert [r["stage"] for r in rows if "eval" not in r] == ["easy", "hard"]
