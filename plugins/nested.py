@@ -119,12 +119,13 @@ def _returns_tuple(block: nn.Module) -> bool:
 
 
 @contextmanager
-def skipped_blocks(model: nn.Module, skip: Sequence[int]) -> Iterator[list[int]]:
+def skipped_blocks(model: nn.Module, skip: Sequence[int], renumber: bool = True) -> Iterator[list[int]]:
     """Within the block, ``model`` runs as if built without the blocks at indices ``skip``.
 
     Yields the kept block indices. The skipped entries of the block ``ModuleList`` are replaced with
     ``SkippedBlock`` and the kept blocks' ``layer_idx`` attributes (their KV-cache slot) renumbered to
-    0..K-1; both are restored on exit, also on an exception.
+    0..K-1; both are restored on exit, also on an exception. ``renumber = False`` leaves the cache slots
+    as they are (only correct when block 0 is kept; there for tests that show why renumbering matters).
     """
     _, blocks = find_blocks(model)
     n = len(blocks)
@@ -146,7 +147,7 @@ def skipped_blocks(model: nn.Module, skip: Sequence[int]) -> Iterator[list[int]]
     renumbered: list[tuple[nn.Module, int]] = []
     try:
         for slot, i in enumerate(kept):
-            if slot == i:
+            if slot == i or not renumber:
                 continue
             for module in blocks[i].modules():
                 value = vars(module).get("layer_idx")

@@ -6,8 +6,9 @@ Layout of ``RUN/checkpoints/step-000012/`` (the number is the count of completed
     value_head.safetensors     when the policy has a value head
     reference.safetensors      the frozen reference policy's weights, when one is in use
     optimizer.pt               optimizer state (tensors only; loaded with weights_only=True)
-    rng.pt                     torch CPU (and CUDA) RNG states and the mini-batch shuffling generator
-    state.json                 step, stage, data position, python/numpy RNG, component states
+    rank-0.pt, rank-1.pt ...   per process: torch/CUDA/python/numpy RNG states, the mini-batch shuffling
+                               generator and the components' states (loaded with weights_only=True)
+    state.json                 step, stage, data position, evaluation results
 
 A checkpoint is written to ``step-N.tmp`` and renamed when complete, so a crash mid-write never leaves a
 checkpoint that looks valid. Only the newest ``keep`` checkpoints are kept.
@@ -38,9 +39,24 @@ class Snapshot:
     stage_index: int
     stage_step: int
     data_state: dict[str, int]
-    component_states: dict[str, Any]  # "sampler", "reward[0]", ... -> state_dict()
     eval_results: dict[str, dict[str, float]]
+    process_states: list[dict[str, Any]]  # one per process, from ``process_state()``
     consecutive_bad_steps: int = 0
+
+
+def process_state(generator: torch.Generator, component_states: dict[str, Any]) -> dict[str, Any]:
+    """This process's RNG states and component states (``"sampler"``, ``"reward[0]"`` ... -> state)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "python_random": _to_json(random.getstate()),
+        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "components": component_states,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -72,8 +88,7 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
 
 
 def save_checkpoint(run_dir: Path, snap: Snapshot, *, model: Any, tokenizer: Any, optimizer: Any,
-                    generator: torch.Generator, value_head: Any = None, reference: Any = None,
-                    keep: int = 2) -> Path:
+                    value_head: Any = None, reference: Any = None, keep: int = 2) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{snap.step:06d}"
@@ -89,21 +104,16 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, *, model: Any, tokenizer: Any
     if reference is not None:
         save_model(reference, str(tmp / "reference.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    np_state = np.random.get_state()
+    for rank, local in enumerate(snap.process_states):
+        torch.save(local, tmp / f"rank-{rank}.pt")
     state = {
         "step": snap.step,
         "stage_index": snap.stage_index,
         "stage_step": snap.stage_step,
         "data": snap.data_state,
-        "components": snap.component_states,
         "eval_results": snap.eval_results,
         "consecutive_bad_steps": snap.consecutive_bad_steps,
-        "python_random": _to_json(random.getstate()),
-        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "processes": len(snap.process_states),
     }
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
@@ -117,14 +127,21 @@ def load_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
-def restore_rng(path: Path, state: dict[str, Any], generator: torch.Generator) -> None:
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["generator"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(_from_json(state["python_random"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy_random"]
+def load_process_state(path: Path, rank: int, processes: int) -> dict[str, Any]:
+    """This process's saved states; the number of processes must match the saved run's."""
+    if processes != len(list(path.glob("rank-*.pt"))):
+        raise RlctlError(f"checkpoint {path} was written by {len(list(path.glob('rank-*.pt')))} process(es); "
+                         f"resume it with the same number (now {processes})")
+    return torch.load(path / f"rank-{rank}.pt", weights_only=True)
+
+
+def restore_rng(local: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(local["torch"])
+    generator.set_state(local["generator"])
+    if "cuda" in local and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(local["cuda"])
+    random.setstate(_from_json(local["python_random"]))
+    kind, keys, pos, has_gauss, gauss = local["numpy_random"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 

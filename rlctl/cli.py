@@ -129,8 +129,10 @@ def new_group() -> None:
 
 @new_group.command(name="recipe")
 @click.argument("name", required=False)
-@click.option("--from", "template", metavar="TEMPLATE", help="The template: a recipe shipped with rlctl (see --list).")
-@click.option("--output", "-o", type=click.Path(), help="File to write, or a folder for NAME.toml (default: ./NAME.toml).")
+@click.option("--from", "template", metavar="TEMPLATE",
+              help="The template: a recipe shipped with rlctl (see --list).")
+@click.option("--output", "-o", type=click.Path(),
+              help="File to write (.toml), or a folder for NAME.toml (default: ./NAME.toml).")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--list", "list_templates", is_flag=True, help="List the templates and exit.")
 def new_recipe_cmd(name: str | None, template: str | None, output: str | None, force: bool,

@@ -139,6 +139,11 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _default_column(option: OptionInfo) -> str:
+    text = option.default_text()
+    return f"({text})" if option.required or option.default is None else f"= {text}"
+
+
 def format_options(info: FactoryInfo, indent: str = "  ") -> list[str]:
     """Aligned ``name: type = default`` lines (what ``rlctl plugins --verbose`` prints)."""
     if not info.options:
@@ -146,8 +151,7 @@ def format_options(info: FactoryInfo, indent: str = "  ") -> list[str]:
     else:
         width = max(len(o.name) for o in info.options)
         twidth = max(len(o.type_text()) for o in info.options)
-        lines = [f"{indent}{o.name:<{width}}  {o.type_text():<{twidth}}  "
-                 f"{'= ' + o.default_text() if o.default is not None and not o.required else '(' + o.default_text() + ')'}"
+        lines = [f"{indent}{o.name:<{width}}  {o.type_text():<{twidth}}  {_default_column(o)}"
                  for o in info.options]
     if info.takes_any:
         lines.append(f"{indent}(also accepts any other key)")
@@ -191,7 +195,7 @@ def template_summary(path: Path) -> str:
 def new_recipe(name: str, template: str, output: str | Path | None = None, force: bool = False) -> list[Path]:
     """Write recipe ``name`` from ``template``; returns the files written (the recipe first).
 
-    ``output`` is a file, or a directory that gets ``NAME.toml`` (default: ``./NAME.toml``). Files a
+    ``output`` is a ``.toml`` file, or a folder that gets ``NAME.toml`` (default: ``./NAME.toml``). Files a
     template includes (``include = "..."``) are copied next to it, so that the new recipe stands alone.
     """
     templates = recipe_templates()
@@ -209,11 +213,11 @@ def new_recipe(name: str, template: str, output: str | Path | None = None, force
         target = Path(f"{stem}.toml")
     else:
         target = Path(output)
-        if target.is_dir():
+        if target.is_dir() or not target.suffix:  # a folder (made if missing) gets NAME.toml
             target = target / f"{stem}.toml"
     source = templates[template]
     text = source.read_text(encoding="utf-8")
-    files = {target: _recipe_header(target, template, source) + text + _options_appendix(source)}
+    files = {target: _recipe_header(target, template) + text + _options_appendix(source)}
     for inc in _includes(source):
         files[target.parent / inc] = (source.parent / inc).read_text(encoding="utf-8")
     _write_files(files, force)
@@ -240,14 +244,16 @@ def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     return out
 
 
-def _recipe_header(target: Path, template: str, source: Path) -> str:
+def _recipe_header(target: Path, template: str) -> str:
     name = target.name
+    commands = [(f"rlctl validate {name}", "check it and print every resolved value"),
+                (f"rlctl run {name}", f"train (into runs/{target.stem}/ unless [train] output_dir is set)"),
+                (f"rlctl run {name} --set train.steps=10", "change any value for one run")]
+    width = max(len(c) for c, _ in commands)
     return (
         f"# {name}: made with `rlctl new recipe {target.stem} --from {template}`.\n"
-        f"#   rlctl validate {name}                 check it and print every resolved value\n"
-        f"#   rlctl run {name}                      train (runs/{target.stem}/ by default)\n"
-        f"#   rlctl run {name} --set train.steps=10 change any value for one run\n"
-        "# Every key is described in the recipe reference (docs/recipe-reference.md); the options of the\n"
+        + "".join(f"#   {c:<{width}}  {what}\n" for c, what in commands)
+        + "# Every key is described in the recipe reference (docs/recipe-reference.md); the options of the\n"
         "# components used here are listed at the end of this file (`rlctl plugins --verbose`: all of them).\n"
         "#\n"
     )
@@ -269,8 +275,9 @@ def _options_appendix(source: Path) -> str:
         for kind in COMPONENT_SECTIONS:
             value = tables.get(kind)
             for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, dict) and isinstance(item.get("use"), str) and (kind, item["use"]) not in used:
-                    used.append((kind, item["use"]))
+                use = item.get("use") if isinstance(item, dict) else None
+                if isinstance(use, str) and (kind, use) not in used:
+                    used.append((kind, use))
 
     collect(doc)
     for stage in doc.get("stage", []) if isinstance(doc.get("stage"), list) else []:
@@ -289,7 +296,7 @@ def _options_appendix(source: Path) -> str:
             lines.append(f"# {kind} {use!r}: not installed")
             continue
         info = describe_factory(comp.factory)
-        lines.append(f"# {kind} {use!r} ({comp.package}): {info.summary}".rstrip(": "))
+        lines.append(f"# {kind} {use!r} ({comp.package})" + (f": {info.summary}" if info.summary else ""))
         lines.extend("#" + line for line in format_options(info, indent="   "))
     return "\n".join(lines) + "\n"
 
@@ -448,8 +455,8 @@ def new_plugin(name: str, kinds: Iterable[str] = DEFAULT_PLUGIN_KINDS, output: s
                                     (0, "from pathlib import Path"), (1, "import pytest"),
                                     (2, "from rlctl import plugins, testing"),
                                     *(line for kind in kinds for line in _TEST_IMPORTS[kind])]),
-        test_plugin_imports=(_from_import(names.module + ".plugin", sorted(exported)) + "\n" if exported else ""),
-        registered_kinds="(" + ", ".join(json.dumps(k) for k in registered) + ("," if len(registered) == 1 else "") + ")",
+        test_plugin_imports=_from_import(names.module + ".plugin", sorted(exported)) + "\n" if exported else "",
+        registered_kinds=f"({', '.join(json.dumps(k) for k in registered)}{',' if len(registered) == 1 else ''})",
         tests=tests,
         recipe_sections=_recipe_sections(kinds, values),
     )

@@ -20,3 +20,4 @@ class TrainState:
     components: dict[str, Any] = field(default_factory=dict)  # kind -> component of this stage
     recipe: Any = None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    rollouts: Any = None  # this process's last trained batch (Rollouts), for observers

@@ -67,8 +67,8 @@ def tiny_policy(path: str | Path | None = None, **spec: Any) -> Any:
     return Policy(model, tokenizer)
 
 
-def fake_rollouts(rewards: Any = None, *, group_size: int | None = None, lengths: int | Sequence[int] | None = None,
-                  num_samples: int | None = None, completions: Sequence[str] | None = None,
+def fake_rollouts(rewards: Any = None, *, group_size: int | None = None,
+                  lengths: int | Sequence[int] | None = None, num_samples: int | None = None, completions: Sequence[str] | None = None,
                   prompts: Sequence[str] | None = None, answers: str | Sequence[Any] | None = None,
                   info: Sequence[dict[str, Any]] | None = None, max_length: int | None = None,
                   prompt_length: int = 3, vocab_size: int = 32, seed: int = 0, **fields: Any) -> Rollouts:

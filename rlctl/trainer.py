@@ -21,10 +21,11 @@ from typing import Any, Callable
 import torch
 
 from rlctl import plugins
-from rlctl.checkpoint import (Snapshot, checkpoint_dir, load_optimizer, load_state, load_weights, resolve_resume,
-                              restore_rng, save_checkpoint)
+from rlctl.checkpoint import (Snapshot, checkpoint_dir, load_optimizer, load_process_state, load_state, load_weights,
+                              process_state, resolve_resume, restore_rng, save_checkpoint)
 from rlctl.components import requirements, stage_needs
 from rlctl.data import PromptStream, load_prompts
+from rlctl.distributed import gather_rollouts, reduce_metrics, shard
 from rlctl.errors import ComponentError, RecipeError, RlctlError
 from rlctl.generation import generate
 from rlctl.metrics import LiveView, MetricsLog, summary_table
@@ -61,9 +62,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ setup
     def _prepare_output_dir(self) -> None:
+        """Check and create the run directory (the main process writes; the others wait)."""
         if self.resume:
             self.checkpoint = resolve_resume(self.output_dir, self.resume)
             self.resume_state = load_state(self.checkpoint)
+        if self.accelerator.is_main_process:
+            self._claim_output_dir()
+        self.accelerator.wait_for_everyone()
+
+    def _claim_output_dir(self) -> None:
+        if self.resume:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.resume_state["step"])
             return
         if (self.output_dir / "metrics.jsonl").exists() and not self.overwrite:
@@ -80,7 +88,8 @@ class Trainer:
     def _setup(self) -> None:
         from accelerate.utils import set_seed
 
-        set_seed(self.recipe.train.seed)
+        # each process samples differently; data order is the same everywhere (PromptStream's own seed)
+        set_seed(self.recipe.train.seed, device_specific=True)
         model_cfg = self.recipe.model
         if self.resume:  # the checkpoint's weights replace the recipe's starting point
             model_cfg = dataclasses.replace(model_cfg, name=str(self.checkpoint / "policy"), tiny=None)
@@ -98,6 +107,10 @@ class Trainer:
                 self.initial_reference = frozen_copy(self.policy_model)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
         self.rng = torch.Generator().manual_seed(self.recipe.train.seed)  # mini-batch shuffling
+
+    @property
+    def _unwrapped_value_head(self) -> ValueHead | None:
+        return None if self.value_head is None else self.accelerator.unwrap_model(self.value_head)
 
     def _use_data(self, data: dict[str, Any]) -> None:
         """Switch to the prompts of ``data`` (loaded once; each source keeps its own position)."""
@@ -169,7 +182,7 @@ class Trainer:
         self.state.components = built
         if "values" in needs and self.value_head is None:
             hidden = self.policy_model.config.get_text_config().hidden_size
-            self.value_head = ValueHead(hidden).to(self.accelerator.device)
+            self.value_head = self.accelerator.prepare_model(ValueHead(hidden).to(self.accelerator.device))
         if "ref_logprobs" in needs:
             self.reference = (self.initial_reference if stage.train.reference == "initial"
                               else frozen_copy(self.policy_model))
@@ -182,7 +195,8 @@ class Trainer:
         if self.resume and start_step > 0:  # mid-stage: the stage's optimizer, reference and RNG continue
             self._restore_stage(built)
         elif self.resume and index == self.resume_state["stage_index"]:
-            restore_rng(self.checkpoint, self.resume_state, self.rng)
+            acc = self.accelerator
+            restore_rng(load_process_state(self.checkpoint, acc.process_index, acc.num_processes), self.rng)
         t = self.recipe.train
         for stage_step in range(start_step, stage.steps):
             self.state.stage_step = stage_step
@@ -238,7 +252,7 @@ class Trainer:
                 ref = score_completions(self.reference, rollouts)
                 rollouts.ref_logprobs = ref.logprobs
         if "advantages" in needs:
-            rollouts.advantages = _guarded(specs["advantage"], "advantage", built["advantage"].compute, rollouts)
+            rollouts.advantages = self._advantages(rollouts, built["advantage"], specs["advantage"])
         observe = getattr(built["sampler"], "observe", None)
         if observe is not None:  # e.g. prompt-difficulty posteriors learn from this batch's rewards
             _guarded(specs["sampler"], "sampler", observe, rollouts)
@@ -255,7 +269,9 @@ class Trainer:
             "sample_time": t_sample,
             "step_time": elapsed,
         })
+        metrics = reduce_metrics(self.accelerator, metrics)
         state.last_metrics = metrics
+        state.rollouts = rollouts
         if self.metrics:
             self.metrics.write(metrics)
         self.view.update(state.step, stage.name, metrics)
@@ -269,15 +285,18 @@ class Trainer:
         policy = Policy(self.policy_model, self.tokenizer)
         kept: list[Rollouts] = []
         first_stats: dict[str, float] = {}
+        acc = self.accelerator
+        wanted = t.prompts_per_step // acc.num_processes  # groups this process contributes
         groups_kept, rounds, next_group = 0, 0, 0
-        while rounds < t.max_sampling_rounds and groups_kept < t.prompts_per_step:
+        while rounds < t.max_sampling_rounds and groups_kept < wanted:
             # a prompt-selecting sampler sees more candidates than it keeps (``candidates_per_prompt``)
             oversample = int(getattr(built["sampler"], "candidates_per_prompt", 1) or 1)
             prompts = self.stream.next_batch(t.prompts_per_step * oversample)
-            batch = _guarded(specs["sampler"], "sampler", built["sampler"].sample, policy, prompts,
+            local, offset = shard(prompts, acc.process_index, acc.num_processes)
+            batch = _guarded(specs["sampler"], "sampler", built["sampler"].sample, policy, local,
                              t.group_size)
-            batch.group_ids = batch.group_ids + next_group
-            next_group = int(batch.group_ids.max().item()) + 1
+            batch.group_ids = batch.group_ids + next_group + offset  # globally unique group ids
+            next_group += len(prompts)
             if need_rewards:
                 batch.rewards, stats = self._score(batch, built["reward"], specs["reward"])
                 if rounds == 0:
@@ -296,8 +315,18 @@ class Trainer:
                              f"{t.max_sampling_rounds} sampling round(s); raise [train] max_sampling_rounds")
         rollouts = Rollouts.concat(kept, pad_token_id=self.tokenizer.pad_token_id)
         if t.drop_uniform_groups:
-            rollouts = _first_groups(rollouts, t.prompts_per_step)
+            rollouts = _first_groups(rollouts, wanted)
         return rollouts, first_stats, rounds
+
+    def _advantages(self, rollouts: Rollouts, advantage: Any, spec: ComponentSpec) -> torch.Tensor:
+        """Advantages computed on the batch of all processes, so they never depend on the split."""
+        if self.accelerator.num_processes == 1:
+            return _guarded(spec, "advantage", advantage.compute, rollouts)
+        whole, mine = gather_rollouts(self.accelerator, rollouts, self.tokenizer.pad_token_id)
+        values = _guarded(spec, "advantage", advantage.compute, whole)
+        if whole.returns is not None:
+            rollouts.returns = whole.returns[mine, : rollouts.completion_ids.shape[1]]
+        return values[mine, : rollouts.completion_ids.shape[1]]
 
     def _score(self, rollouts: Rollouts, rewards: list[Any],
                specs: list[ComponentSpec]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -427,30 +456,38 @@ class Trainer:
         if next_stage_step >= stage.steps:  # the stage is done: resume at the start of the next one
             stage_index, next_stage_step = stage_index + 1, 0
         built = built if built is not None else self.state.components
+        local = process_state(self.rng, _component_states(built))
+        everyone = [local]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            everyone = gather_object([local])
         snap = Snapshot(step=self.state.step if step is None else step, stage_index=stage_index,
                         stage_step=next_stage_step, data_state=self.stream.state_dict(),
-                        component_states=_component_states(built), eval_results=self.eval_results,
+                        eval_results=self.eval_results, process_states=everyone,
                         consecutive_bad_steps=self.bad_steps)
+        path = None
+        if self.accelerator.is_main_process:  # one writer
+            path = save_checkpoint(self.output_dir, snap, model=self.policy_model, tokenizer=self.tokenizer,
+                                   optimizer=self.optimizer, value_head=self._unwrapped_value_head,
+                                   reference=self.reference if next_stage_step else None,
+                                   keep=self.recipe.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        return save_checkpoint(self.output_dir, snap, model=self.policy_model, tokenizer=self.tokenizer,
-                               optimizer=self.optimizer, generator=self.rng, value_head=self.value_head,
-                               reference=self.reference if next_stage_step else None,
-                               keep=self.recipe.train.keep_checkpoints)
+        return path
 
     def _restore_stage(self, built: dict[str, Any]) -> None:
         path = self.checkpoint
         if self.value_head is not None and (path / "value_head.safetensors").exists():
-            load_weights(self.value_head, path / "value_head.safetensors")
+            load_weights(self._unwrapped_value_head, path / "value_head.safetensors")
         if self.reference is not None and (path / "reference.safetensors").exists():
             load_weights(self.reference, path / "reference.safetensors")
         load_optimizer(self.optimizer, path)
+        local = load_process_state(path, self.accelerator.process_index, self.accelerator.num_processes)
         for key, component in _components_by_key(built).items():
-            saved = self.resume_state["components"].get(key)
+            saved = local["components"].get(key)
             if saved is not None and hasattr(component, "load_state_dict"):
                 component.load_state_dict(saved)
-        restore_rng(path, self.resume_state, self.rng)
+        restore_rng(local, self.rng)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """First Ctrl-C / SIGTERM: stop after the current step with a checkpoint; second: stop now."""
@@ -480,8 +517,8 @@ class Trainer:
                 if other.components["reward"]:
                     rewards, specs = self._build(other)["reward"], other.components["reward"]
                     break
-        if not rewards or not self.eval_prompts:
-            return {}
+        if not rewards or not self.eval_prompts or not self.accelerator.is_main_process:
+            return {}  # evaluation runs on the main process only (no collective operations)
         sampler = built.get("sampler")
         max_new = self.recipe.eval.max_new_tokens or _max_new_tokens(self.recipe) or 64
         policy = Policy(self.policy_model, self.tokenizer)
@@ -512,7 +549,7 @@ class Trainer:
         self.tokenizer.save_pretrained(tmp)
         if self.value_head is not None:
             from safetensors.torch import save_file
-            save_file(self.value_head.state_dict(), str(tmp / "value_head.safetensors"))
+            save_file(self._unwrapped_value_head.state_dict(), str(tmp / "value_head.safetensors"))
         if path.exists():
             import shutil
             shutil.rmtree(path)

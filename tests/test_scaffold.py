@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import site
 import subprocess
 import sys
 import textwrap
 import types
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -169,27 +171,32 @@ def test_new_plugin_defaults_and_errors(runner, tmp_path):
 def test_scaffolded_plugin_installs_lists_and_trains(runner, tmp_path, tiny_model_dir, fresh_registry,
                                                      monkeypatch):
     """pip install the generated package, find it with `rlctl plugins`, train with it, uninstall."""
-    import rlctl.cli
-
-    monkeypatch.setattr(rlctl.cli.console, "width", 250)  # a table wide enough for the long test names
     dist = f"rlctl-scaffold-probe-{os.getpid()}"  # unique: the environment may be shared
     module = dist.replace("-", "_")
     kinds = "sampler,reward,advantage,loss,scheduler"  # no observer: it would fire in every run meanwhile
     root = scaffold.new_plugin(dist, [kinds], tmp_path)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    monkeypatch.setattr(sys, "path", list(sys.path))  # restored afterwards, with what the install adds
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     install = subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(root)],
                              capture_output=True, text=True, timeout=300)
     try:
         assert install.returncode == 0, install.stdout + install.stderr
-        plugins.reset()
-        listing = runner.invoke(cli, ["plugins"])
-        assert listing.exit_code == 0, listing.output
-        rows = [line for line in listing.stdout.splitlines() if module in line]
-        assert len(rows) == 5 and all(dist in row and "0.1.0" in row for row in rows)
-        verbose = runner.invoke(cli, ["plugins", "--verbose", "--kind", "loss"])
-        assert f"loss {module}  (plugin {module}, package {dist} 0.1.0)" in verbose.stdout
-        assert "REINFORCE" in verbose.stdout and 'aggregation   str    = "token-mean"' in verbose.stdout
+        # a new process, as a user would run it: the entry point and the editable install are found
+        listing = subprocess.run([sys.executable, "-m", "rlctl.cli", "plugins", "--verbose"],
+                                 capture_output=True, text=True, timeout=300)
+        assert listing.returncode == 0, listing.stderr
+        headers = [line for line in listing.stdout.splitlines() if line.endswith(f"package {dist} 0.1.0)")]
+        assert headers == [f"{kind} {module}  (plugin {module}, package {dist} 0.1.0)" for kind in kinds.split(",")]
+        assert "REINFORCE" in listing.stdout and 'aggregation   str    = "token-mean"' in listing.stdout
+        assert "failed:" not in listing.stderr
 
+        # in this process: pick up the editable install's path (read at start-up), reload the plugins
+        for file in metadata.distribution(dist).files or []:
+            if file.name.endswith(".pth"):
+                site.addpackage(str(file.locate().parent), file.name, None)
+        plugins.reset()
+        assert plugins.registry().get("loss", module).package == dist
         rows = testing.run_recipe(root / "recipes" / "example.toml", steps=2, model=tiny_model_dir,
                                   output_dir=tmp_path / "run",
                                   overrides=["train.prompts_per_step=2", "train.group_size=2"])
@@ -200,7 +207,7 @@ def test_scaffolded_plugin_installs_lists_and_trains(runner, tmp_path, tiny_mode
         for name in (module, f"{module}.plugin"):
             sys.modules.pop(name, None)
     plugins.reset()
-    assert module not in plugins.available("reward")
+    assert module not in {ep.name for ep in metadata.entry_points(group="rlctl")}
 
 
 @pytest.mark.slow
