@@ -41,6 +41,7 @@ TOP_LEVEL_KEYS = ("include", "stage", *CORE_SECTIONS, *COMPONENT_SECTIONS)
 class ModelConfig:
     name: str = ""  # hub name or local directory (for `tiny`: where to build it; empty = cache)
     tiny: dict | None = None  # build a tiny random model: arch, hidden_size, num_layers, num_heads ...
+    lora: dict | None = None  # LoRA adapters (peft): r, alpha, dropout, target_modules, save
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
@@ -218,6 +219,15 @@ def parse_recipe(doc: dict[str, Any], source: str = "", check_components: bool =
     if model is not None and model.tiny is not None:
         from rlctl.models import tiny_spec
         check_call(tiny_spec, model.tiny, "model.tiny", problems)
+    if model is not None and model.lora is not None:
+        from rlctl.lora import lora_options
+        before = len(problems)
+        kwargs = check_call(lora_options, model.lora, "model.lora", problems)
+        if len(problems) == before:
+            try:
+                lora_options(**kwargs)
+            except ValueError as exc:
+                problems.append(f"[model.lora] {exc}")
 
     base_components = {kind: doc.get(kind) for kind in COMPONENT_SECTIONS}
     stages_doc = doc.get("stage")

@@ -28,6 +28,7 @@ from rlctl.data import PromptStream, load_prompts
 from rlctl.distributed import gather_rollouts, reduce_metrics, shard
 from rlctl.errors import ComponentError, RecipeError, RlctlError
 from rlctl.generation import generate
+from rlctl.lora import adapters_disabled, apply_lora, is_lora, save_lora
 from rlctl.metrics import LiveView, MetricsLog, summary_table
 from rlctl.models import ForwardOut, Policy, ValueHead, frozen_copy, load_policy, score_completions
 from rlctl.recipe import ComponentSpec, Recipe, Stage, check_stage_components, dumps_toml, resolved_dict
@@ -53,7 +54,8 @@ class Trainer:
         self.view = LiveView(recipe.total_steps, enabled=show_progress and self.accelerator.is_main_process)
         self.state = TrainState(total_steps=recipe.total_steps, output_dir=self.output_dir, recipe=recipe)
         self.value_head: ValueHead | None = None
-        self.reference: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None  # a frozen copy (None with LoRA: adapters off)
+        self.uses_reference = False
         self.initial_reference: torch.nn.Module | None = None
         self.eval_results: dict[str, dict[str, float]] = {}
         self.resume = resume
@@ -91,15 +93,20 @@ class Trainer:
         # each process samples differently; data order is the same everywhere (PromptStream's own seed)
         set_seed(self.recipe.train.seed, device_specific=True)
         model_cfg = self.recipe.model
-        if self.resume:  # the checkpoint's weights replace the recipe's starting point
+        lora = model_cfg.lora
+        if self.resume and lora is None:  # the checkpoint's weights replace the recipe's starting point
             model_cfg = dataclasses.replace(model_cfg, name=str(self.checkpoint / "policy"), tiny=None)
         self.model, self.tokenizer = load_policy(model_cfg)
+        if lora is not None:  # a checkpoint of a LoRA run holds the adapters only
+            self.model = apply_lora(self.model, lora, self.checkpoint / "policy" if self.resume else None)
         self.model.train()
         self.model = self.accelerator.prepare_model(self.model)
         self._data: dict[str, tuple[PromptStream, list]] = {}  # data table (as JSON) -> (stream, eval prompts)
         self._use_data(self.recipe.data)
         # a reference frozen at the start of the run, only if some stage asks for it
-        if any(s.train.reference == "initial" and "ref_logprobs" in self._stage_needs(s) for s in self.recipe.stages):
+        needs_initial = any(s.train.reference == "initial" and "ref_logprobs" in self._stage_needs(s)
+                            for s in self.recipe.stages)
+        if needs_initial and lora is None:  # with LoRA the base model (adapters off) is the reference
             if self.resume:  # the initial policy is the recipe's model, not the checkpoint's
                 initial, _ = load_policy(self.recipe.model)
                 self.initial_reference = frozen_copy(initial.to(self.accelerator.device))
@@ -183,12 +190,13 @@ class Trainer:
         if "values" in needs and self.value_head is None:
             hidden = self.policy_model.config.get_text_config().hidden_size
             self.value_head = self.accelerator.prepare_model(ValueHead(hidden).to(self.accelerator.device))
-        if "ref_logprobs" in needs:
+        self.reference = None
+        if "ref_logprobs" in needs and not is_lora(self.policy_model):
             self.reference = (self.initial_reference if stage.train.reference == "initial"
                               else frozen_copy(self.policy_model))
-        else:
-            self.reference = None
-        params = list(self.model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
+        self.uses_reference = "ref_logprobs" in needs
+        params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        params += list(self.value_head.parameters()) if self.value_head else []
         optimizer = torch.optim.AdamW(params, lr=stage.train.lr, betas=tuple(stage.train.adam_betas),
                                       weight_decay=stage.train.weight_decay)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
@@ -248,9 +256,8 @@ class Trainer:
                 if "old_logprobs" in needs:
                     rollouts.old_logprobs = old.logprobs
                 rollouts.values = old.values
-            if self.reference is not None:
-                ref = score_completions(self.reference, rollouts)
-                rollouts.ref_logprobs = ref.logprobs
+            if self.uses_reference:
+                rollouts.ref_logprobs = self._reference_logprobs(rollouts)
         if "advantages" in needs:
             rollouts.advantages = self._advantages(rollouts, built["advantage"], specs["advantage"])
         observe = getattr(built["sampler"], "observe", None)
@@ -358,6 +365,13 @@ class Trainer:
         stats["reward"] = float((total if total.dim() == 1 else total.sum(1)).mean().item())
         stats["reward_std"] = float((total if total.dim() == 1 else total.sum(1)).std(unbiased=False).item())
         return total, stats
+
+    def _reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        if self.reference is None:  # LoRA: the base model is the policy with its adapters switched off
+            with adapters_disabled(self.policy_model), self.accelerator.autocast():
+                return score_completions(self.policy_model, rollouts).logprobs
+        with self.accelerator.autocast():
+            return score_completions(self.reference, rollouts).logprobs
 
     def _forward(self, rollouts: Rollouts, grad: bool, values: bool = False, entropy: bool = False) -> ForwardOut:
         ctx = nullcontext() if grad else torch.no_grad()
@@ -545,8 +559,11 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         tmp = path.with_name(path.name + ".tmp")
-        self.policy_model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
+        if is_lora(self.policy_model):
+            save_lora(self.policy_model, self.tokenizer, tmp, self.recipe.model.lora.get("save", "adapter"))
+        else:
+            self.policy_model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
         if self.value_head is not None:
             from safetensors.torch import save_file
             save_file(self._unwrapped_value_head.state_dict(), str(tmp / "value_head.safetensors"))
