@@ -20,6 +20,27 @@ LIVE_FIELDS = (("reward", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss",
 TIMING_FIELDS = frozenset({"tokens_per_s", "step_time", "sample_time", "update_time", "time"})
 
 
+# tracker name -> the package it needs (logged through accelerate's tracker API)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
+def check_trackers(names: list[str]) -> None:
+    import importlib.util
+
+    from rlctl.errors import RlctlError
+
+    missing = [n for n in names if importlib.util.find_spec(TRACKERS[n]) is None]
+    if missing:
+        raise RlctlError(f"[train] trackers: {', '.join(missing)} not installed; pip install "
+                         + " ".join(TRACKERS[n] for n in missing))
+
+
+def tracker_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics, as trackers want them."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):

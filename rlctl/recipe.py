@@ -71,6 +71,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     max_bad_steps: int = 3  # consecutive non-finite updates before the run aborts (with a checkpoint)
     max_reward_failure_rate: float = 0.5  # share of completions a reward may fail on before the run stops
+    trackers: list = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, trackio, mlflow
 
 
 # Keys a [[stage]] may set for itself (the rest of [train] is shared by the whole run).
@@ -375,6 +376,10 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         if st.prompts_per_step >= 1 and st.mini_batches > st.prompts_per_step:
             problems.append(f"{where} mini_batches = {st.mini_batches}: more than prompts_per_step = "
                             f"{st.prompts_per_step} (mini-batches hold whole groups)")
+    from rlctl.metrics import TRACKERS
+    for name in t.trackers:
+        if name not in TRACKERS:
+            problems.append(f"[train] trackers: {name!r} is not a tracker; accepted: {', '.join(TRACKERS)}")
     for key in ("save_every", "keep_checkpoints"):
         if getattr(t, key) < 0:
             problems.append(f"[train] {key} = {getattr(t, key)}: must be >= 0")

@@ -27,9 +27,9 @@ from rlctl.components import requirements, stage_needs
 from rlctl.data import PromptStream, load_prompts
 from rlctl.distributed import gather_rollouts, reduce_metrics, shard
 from rlctl.errors import ComponentError, RecipeError, RlctlError
-from rlctl.generation import generate
+from rlctl.evaluate import generate_in_batches
 from rlctl.lora import adapters_disabled, apply_lora, is_lora, save_lora
-from rlctl.metrics import LiveView, MetricsLog, summary_table
+from rlctl.metrics import LiveView, MetricsLog, check_trackers, summary_table, tracker_values
 from rlctl.models import ForwardOut, Policy, ValueHead, frozen_copy, load_policy, score_completions
 from rlctl.recipe import ComponentSpec, Recipe, Stage, check_stage_components, dumps_toml, resolved_dict
 from rlctl.rollouts import Rollouts
@@ -47,9 +47,12 @@ class Trainer:
         self.output_dir = Path(output_dir or recipe.train.output_dir.format(recipe=recipe.name))
         self.overwrite = overwrite
         t = recipe.train
+        check_trackers(t.trackers)
         self.accelerator = Accelerator(
             cpu=t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()),
             mixed_precision=t.mixed_precision,
+            log_with=list(t.trackers) or None,
+            project_dir=str(self.output_dir),
         )
         self.view = LiveView(recipe.total_steps, enabled=show_progress and self.accelerator.is_main_process)
         self.state = TrainState(total_steps=recipe.total_steps, output_dir=self.output_dir, recipe=recipe)
@@ -153,6 +156,8 @@ class Trainer:
             self.bad_steps = self.resume_state["consecutive_bad_steps"]
             self.view.message(f"resuming from {self.checkpoint} at step {self.state.step}")
         restore_signals = self._install_signal_handlers()
+        if self.recipe.train.trackers:
+            self.accelerator.init_trackers(self.recipe.name, config=_flat(resolved_dict(self.recipe)))
         try:
             plugins.hook().rlctl_on_run_start(state=self.state)
             if self.recipe.eval.at_start and self.eval_prompts and not self.resume:
@@ -161,6 +166,8 @@ class Trainer:
                 self._run_stage(index, start_step if index == first_stage else 0)
         finally:
             restore_signals()
+            if self.recipe.train.trackers:
+                self.accelerator.end_training()
             self.view.close()
             if self.metrics:
                 self.metrics.close()
@@ -281,6 +288,8 @@ class Trainer:
         state.rollouts = rollouts
         if self.metrics:
             self.metrics.write(metrics)
+        if self.recipe.train.trackers:
+            self.accelerator.log(tracker_values(metrics), step=state.step)
         self.view.update(state.step, stage.name, metrics)
         plugins.hook().rlctl_on_step_end(state=state, metrics=metrics)
         self._check_finite(update_stats, stage)
@@ -535,19 +544,18 @@ class Trainer:
             return {}  # evaluation runs on the main process only (no collective operations)
         sampler = built.get("sampler")
         max_new = self.recipe.eval.max_new_tokens or _max_new_tokens(self.recipe) or 64
-        policy = Policy(self.policy_model, self.tokenizer)
-        batches = []
-        size = self.recipe.eval.batch_size
-        for start in range(0, len(self.eval_prompts), size):
-            batches.append(generate(policy, self.eval_prompts[start:start + size], 1, max_new_tokens=max_new,
-                                    do_sample=False, chat_template=getattr(sampler, "chat_template", False)))
-        rollouts = Rollouts.concat(batches, pad_token_id=self.tokenizer.pad_token_id)
+        rollouts = generate_in_batches(Policy(self.policy_model, self.tokenizer), self.eval_prompts, 1,
+                                       self.recipe.eval.batch_size, self.tokenizer.pad_token_id,
+                                       max_new_tokens=max_new, do_sample=False,
+                                       chat_template=getattr(sampler, "chat_template", False))
         _, stats = self._score(rollouts, rewards, specs)
         result = {"eval/accuracy": stats["accuracy"], "eval/reward": stats["reward"],
                   "eval/completion_len": float(rollouts.lengths.float().mean().item())}
         self.eval_results[label] = result
         if self.metrics:
             self.metrics.write({"step": self.state.step, "stage": stage.name, "eval": label, **result})
+        if self.recipe.train.trackers:
+            self.accelerator.log(result, step=self.state.step)
         when = f"after stage {label!r}" if label == stage.name else f"at step {self.state.step}"
         self.view.message(f"eval {when}: held-out accuracy {result['eval/accuracy']:.3f} "
                           f"({len(rollouts)} prompts, greedy), reward {result['eval/reward']:.3f}")
@@ -697,6 +705,23 @@ def _max_new_tokens(recipe: Recipe) -> int:
         if spec is not None and "max_new_tokens" in spec.options:
             return int(spec.options["max_new_tokens"])
     return 0
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested recipe tables as one level of ``a.b.c`` keys with scalar values (tracker configs)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list):
+        if all(not isinstance(v, (dict, list)) for v in tree):
+            return {prefix[:-1]: str(tree)}
+        out = {}
+        for i, value in enumerate(tree):
+            out.update(_flat(value, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: tree}
 
 
 def _versions() -> dict[str, str]:

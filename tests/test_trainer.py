@@ -174,3 +174,25 @@ data = { source = "arithmetic", num_train = 30, num_eval = 4, ops = ["*"], max_o
     assert all("*" in p.text for p in trainer.stream.prompts)  # the last stage's prompts
     assert all("+" in p.text for p in trainer._data[next(iter(trainer._data))][0].prompts)
     assert [r["stage"] for r in rows if "eval" not in r] == ["easy", "hard"]
+
+
+def test_tensorboard_tracker_receives_the_metrics(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    text = grpo_recipe(tiny_model_dir, steps=2, extra='trackers = ["tensorboard"]\n')
+    _, _, rows = run(tmp_path, text)
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = acc.Scalars("reward")
+    assert [e.step for e in logged] == [0, 1]
+    assert [e.value for e in logged] == pytest.approx([r["reward"] for r in rows if "eval" not in r])
+
+
+def test_unknown_tracker_is_a_recipe_error(tiny_model_dir, tmp_path):
+    from rlctl.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"\[train\] trackers: 'neptune' is not a tracker; accepted: tensorboard"):
+        load_recipe(write_recipe(tmp_path, grpo_recipe(tiny_model_dir, extra='trackers = ["neptune"]\n')))
