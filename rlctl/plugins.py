@@ -46,6 +46,9 @@ DEFAULT_PLUGINS = (
     "rlctl_plugins.preference",
     "rlctl_plugins.nested",
     "rlctl_plugins.offpolicy",
+    "rlctl_plugins.selection",
+    "rlctl_plugins.prefix",
+    "rlctl_plugins.curriculum",
 )
 
 
