@@ -26,7 +26,7 @@ class _Group(click.Group):
         except RlctlError as exc:
             for line in str(exc).splitlines():
                 err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            sys.exit(getattr(exc, "exit_code", 2))  # 130 after an interrupt, like a shell
 
 
 def _recipe_path(recipe: str) -> Path:
@@ -54,14 +54,24 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @set_option
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), help="Run directory (default: [train] output_dir).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the run directory.")
+@click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH|latest]",
+              help="Continue from a checkpoint: the newest of the run directory (no value or 'latest'), "
+                   "or a checkpoint directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress view.")
-def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, quiet: bool) -> None:
-    """Train with RECIPE (a .toml file or the name of a shipped recipe)."""
+def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, resume: str | None,
+        quiet: bool) -> None:
+    """Train with RECIPE (a .toml file or the name of a shipped recipe).
+
+    Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130; a second
+    Ctrl-C stops at once.
+    """
     from rlctl.recipe import load_recipe
     from rlctl.trainer import Trainer
 
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
     parsed = load_recipe(_recipe_path(recipe), overrides)
-    trainer = Trainer(parsed, output_dir=output_dir, overwrite=overwrite, show_progress=not quiet)
+    trainer = Trainer(parsed, output_dir=output_dir, overwrite=overwrite, show_progress=not quiet, resume=resume)
     err_console.print(f"[bold]rlctl[/] {parsed.name}: {parsed.total_steps} steps in "
                       f"{len(parsed.stages)} stage(s) -> {trainer.output_dir}", highlight=False)
     summary = trainer.run()
@@ -176,6 +186,48 @@ def new_plugin_cmd(name: str, kinds: tuple[str, ...], output: str | None, force:
         click.echo(f"wrote {path}")
     click.echo(f"next: pip install -e {root}  then  rlctl plugins --verbose  and  "
                f"rlctl run {root / 'recipes' / 'example.toml'}  (components: use = \"{module}\")")
+
+
+@cli.command(name="eval")
+@click.argument("target")
+@click.option("--checkpoint", help="A checkpoint or model directory (default: the run's final model).")
+@click.option("--k", "ks", type=int, multiple=True, default=(1,), show_default=True,
+              help="pass@k to report (repeatable).")
+@click.option("--samples", type=int, default=0, help="Sampled completions per prompt (default: the largest k).")
+@click.option("--num-prompts", type=int, default=0, help="Held-out prompts to use (default: [eval] num_prompts).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="JSON file (default: TARGET/eval.json).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def eval_cmd(target: str, checkpoint: str | None, ks: tuple[int, ...], samples: int, num_prompts: int,
+             output: str | None, seed: int) -> None:
+    """Greedy accuracy and pass@k on held-out prompts, scored with the recipe's rewards.
+
+    TARGET is a run directory (its recipe and final model) or a recipe file (its model, or --checkpoint).
+    """
+    from rlctl.evaluate import run_eval
+    from rlctl.metrics import summary_table
+
+    if samples and samples < max(ks):
+        raise click.UsageError(f"--samples {samples} is fewer than the largest --k {max(ks)}")
+    record, path = run_eval(target, checkpoint, ks=ks, samples=samples, num_prompts=num_prompts,
+                            output=output, seed=seed)
+    console.print(summary_table(f"eval: {record['model']}", {k: v for k, v in record.items()
+                                                             if k not in ("recipe", "model")}))
+    console.print(f"written to {path}", highlight=False)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="PNG file (default: report.png in the first run directory).")
+def report(runs: tuple[str, ...], output: str | None) -> None:
+    """Plot reward, accuracy, KL, entropy, length and tokens/s of one or more RUNS, and summarise them."""
+    from rlctl.metrics import summary_table
+    from rlctl.report import make_report
+
+    out = Path(output) if output else Path(runs[0]) / "report.png"
+    for summary in make_report(runs, out):
+        console.print(summary_table(summary.pop("run"), summary))
+    console.print(f"figure written to {out}", highlight=False)
 
 
 @cli.command(name="tiny-model")

@@ -75,10 +75,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class LiveView:
     """A progress bar with the latest metrics on a terminal; periodic plain lines otherwise."""
 
-    def __init__(self, total_steps: int, console: Console | None = None, enabled: bool = True):
+    def __init__(self, total_steps: int, console: Console | None = None, enabled: bool = True,
+                 messages: bool = True):
         self.console = console or Console(stderr=True)
         self.total = total_steps
-        self.enabled = enabled
+        self.enabled = enabled  # progress (bar or periodic lines)
+        self.messages = messages  # evaluations, warnings, resume notes: shown even without progress
         self.interactive = enabled and self.console.is_terminal
         self.every = max(1, total_steps // 20)
         self.started = time.perf_counter()
@@ -104,7 +106,7 @@ class LiveView:
                                highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        if self.messages:
             self.console.print(escape(text), highlight=False, soft_wrap=True)
 
     def close(self) -> None:

@@ -68,8 +68,9 @@ def tiny_policy(path: str | Path | None = None, **spec: Any) -> Any:
 
 
 def fake_rollouts(rewards: Any = None, *, group_size: int | None = None,
-                  lengths: int | Sequence[int] | None = None, num_samples: int | None = None, completions: Sequence[str] | None = None,
-                  prompts: Sequence[str] | None = None, answers: str | Sequence[Any] | None = None,
+                  lengths: int | Sequence[int] | None = None, num_samples: int | None = None,
+                  completions: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
+                  answers: str | Sequence[Any] | None = None,
                   info: Sequence[dict[str, Any]] | None = None, max_length: int | None = None,
                   prompt_length: int = 3, vocab_size: int = 32, seed: int = 0, **fields: Any) -> Rollouts:
     """A hand-built ``Rollouts`` batch of N completions for unit tests of rewards, advantages and losses.
@@ -281,9 +282,9 @@ def run_recipe(recipe: str | Path, steps: int | None = 2, *, output_dir: str | P
 
 
 def _read_recipe(recipe: str | Path) -> tuple[dict[str, Any], str]:
+    from rlctl.errors import RecipeError
     from rlctl.recipe import deep_merge, read_toml_with_includes, tomllib
     from rlctl.scaffold import shipped_recipe
-    from rlctl.errors import RecipeError
 
     if isinstance(recipe, str) and ("\n" in recipe or "=" in recipe):
         try:

@@ -54,7 +54,8 @@ class Trainer:
             log_with=list(t.trackers) or None,
             project_dir=str(self.output_dir),
         )
-        self.view = LiveView(recipe.total_steps, enabled=show_progress and self.accelerator.is_main_process)
+        main = self.accelerator.is_main_process
+        self.view = LiveView(recipe.total_steps, enabled=show_progress and main, messages=main)
         self.state = TrainState(total_steps=recipe.total_steps, output_dir=self.output_dir, recipe=recipe)
         self.value_head: ValueHead | None = None
         self.reference: torch.nn.Module | None = None  # a frozen copy (None with LoRA: adapters off)

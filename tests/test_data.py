@@ -64,7 +64,6 @@ def test_eval_split_is_held_out(tmp_path):
 
 
 def test_hf_datasets_from_local_files(tmp_path):
-    pytest.importorskip("datasets", reason="the hf source needs the datasets extra")
     write_rows(tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": str(i)} for i in range(6)])
     write_rows(tmp_path / "test.jsonl", [{"question": "t0", "answer": "0"}])
     train, evals = hf("json", data_files=str(tmp_path / "train.jsonl"), prompt_key="question")

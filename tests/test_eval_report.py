@@ -53,7 +53,6 @@ def test_eval_rejects_a_directory_without_a_run(tmp_path):
 
 @pytest.mark.slow
 def test_report_draws_every_run(trained_run, tmp_path):
-    pytest.importorskip("matplotlib", reason="the report extra")
     from rlctl.report import make_report
 
     png = tmp_path / "report.png"

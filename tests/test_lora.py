@@ -11,7 +11,6 @@ from rlctl.metrics import read_metrics
 from rlctl.recipe import load_recipe
 from rlctl.trainer import Trainer
 
-pytest.importorskip("peft", reason="LoRA needs the lora extra")
 pytestmark = pytest.mark.slow
 
 

@@ -177,7 +177,6 @@ data = { source = "arithmetic", num_train = 30, num_eval = 4, ops = ["*"], max_o
 
 
 def test_tensorboard_tracker_receives_the_metrics(tiny_model_dir, tmp_path):
-    pytest.importorskip("tensorboard", reason="the tensorboard extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     text = grpo_recipe(tiny_model_dir, steps=2, extra='trackers = ["tensorboard"]\n')
