@@ -26,7 +26,8 @@ Samplers set ``info[i]["truncated"]`` to True for a completion cut at the token 
 Samplers that select prompts may set ``candidates_per_prompt = k``: the trainer then passes ``k`` times
 ``prompts_per_step`` candidate prompts and the sampler returns completions for the ones it picks (each
 group's ``group_ids`` must be distinct). A sampler with an ``observe(rollouts)`` method is shown every
-trained batch after rewards and advantages are computed (e.g. to update per-prompt statistics).
+scored batch (``rewards`` set), of all processes, before dynamic sampling drops any group (e.g. to
+update per-prompt statistics).
 
 Components that keep state across steps (e.g. prompt statistics) implement ``state_dict()`` and
 ``load_state_dict(state)`` so that checkpoints resume them exactly.

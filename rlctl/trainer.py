@@ -268,9 +268,6 @@ class Trainer:
                 rollouts.ref_logprobs = self._reference_logprobs(rollouts)
         if "advantages" in needs:
             rollouts.advantages = self._advantages(rollouts, built["advantage"], specs["advantage"])
-        observe = getattr(built["sampler"], "observe", None)
-        if observe is not None:  # e.g. prompt-difficulty posteriors learn from this batch's rewards
-            _guarded(specs["sampler"], "sampler", observe, rollouts)
 
         update_stats = self._update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass)
         elapsed = time.perf_counter() - t0
@@ -318,6 +315,7 @@ class Trainer:
                 batch.rewards, stats = self._score(batch, built["reward"], specs["reward"])
                 if rounds == 0:
                     first_stats = stats  # metrics describe what the policy produced, before filtering
+                self._observe(built["sampler"], specs["sampler"], batch)
             rounds += 1
             if t.drop_uniform_groups and batch.rewards is not None:
                 batch = _drop_uniform_groups(batch)
@@ -334,6 +332,15 @@ class Trainer:
         if t.drop_uniform_groups:
             rollouts = _first_groups(rollouts, wanted)
         return rollouts, first_stats, rounds
+
+    def _observe(self, sampler: Any, spec: ComponentSpec, batch: Rollouts) -> None:
+        """Show a sampler every scored batch of all processes (before dynamic-sampling filters)."""
+        observe = getattr(sampler, "observe", None)
+        if observe is None:
+            return
+        if self.accelerator.num_processes > 1:  # every process keeps the same statistics
+            batch, _ = gather_rollouts(self.accelerator, batch, self.tokenizer.pad_token_id)
+        _guarded(spec, "sampler", observe, batch)
 
     def _advantages(self, rollouts: Rollouts, advantage: Any, spec: ComponentSpec) -> torch.Tensor:
         """Advantages computed on the batch of all processes, so they never depend on the split."""

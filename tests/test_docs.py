@@ -55,7 +55,7 @@ def test_plugin_guide_examples_run():
     registered = {}
     for hook in ("samplers", "rewards", "advantages", "losses", "schedulers"):
         namespace[f"rlctl_register_{hook}"](lambda name, factory: registered.setdefault(name, factory))
-    assert set(registered) == {"prefix", "contains_answer", "sign", "reinforce", "step_decay"}
+    assert set(registered) == {"instruction_prefix", "contains_answer", "sign", "reinforce", "step_decay"}
     for name, value in namespace.items():
         if name.startswith("test_") and callable(value):
             value()

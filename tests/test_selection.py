@@ -230,9 +230,9 @@ def test_sft_rl_mix_sets_the_weight_on_loss_and_sampler_and_the_lr():
     loss = plugins.get("loss", "mixed")()
     mixed = sampler("mixed")
     sched = plugins.get("scheduler", "sft_rl_mix")(start=1.0, end=0.0, lr_schedule="cosine")
-    state = TrainState(stage_step=2, stage_steps=5, base_lr=1.0, components={"loss": loss, "sampler": mixed})
+    state = TrainState(stage_step=2, stage_steps=4, base_lr=1.0, components={"loss": loss, "sampler": mixed})
     sched.step(state)
-    assert loss.mix_weight == mixed.mix_weight == 0.5
+    assert loss.mix_weight == mixed.mix_weight == pytest.approx(1 / 3)  # steps 0..3: 1, 2/3, 1/3, 0
     assert state.lr == pytest.approx(0.5)  # cosine at half way
     state.components = {"loss": plugins.get("loss", "ppo_clip")(), "sampler": sampler("hf")}
     with pytest.raises(ValueError, match="mixing weight"):
@@ -363,7 +363,8 @@ def test_sft_rl_mix_and_staged_data_run(tiny_model_dir, tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(PromptStream, "next_batch", record)
-    text = grpo_recipe(tiny_model_dir).replace("steps = 3\n", "").replace("prompts_per_step = 4", "prompts_per_step = 2")
+    text = grpo_recipe(tiny_model_dir).replace("steps = 3\n", "")
+    text = text.replace("prompts_per_step = 4", "prompts_per_step = 2")
     _, summary, steps = run(tmp_path, text + MIX_STAGES.format())
     assert [r["stage"] for r in steps] == ["mix"] * 3 + ["rl"]
     mix = steps[:3]
