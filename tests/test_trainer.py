@@ -118,9 +118,15 @@ def test_dynamic_sampling_keeps_only_informative_groups(tiny_model_dir, tmp_path
         return torch.tensor([1.0 if g % 2 == 0 else float(i % 2)
                              for i, g in enumerate(rollouts.group_ids.tolist())])
 
+    from rlctl_plugins.samplers import HFGenerateSampler
+
     monkeypatch.setattr(ExactAnswerReward, "score", half_uniform)
+    seen = []  # a sampler's observe() sees every scored batch before uniform groups are dropped
+    monkeypatch.setattr(HFGenerateSampler, "observe", lambda self, r: seen.append((len(r), r.rewards is not None)),
+                        raising=False)
     extra = "drop_uniform_groups = true\nmax_sampling_rounds = 3\n"
     _, _, rows = run(tmp_path, grpo_recipe(tiny_model_dir, steps=1, extra=extra))
+    assert seen == [(16, True), (16, True)]
     # 4 prompts a round, 2 informative: two rounds fill the batch of 4 groups x 4 completions
     assert rows[0]["sampling_rounds"] == 2
     assert rows[0]["samples"] == 16
