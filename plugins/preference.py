@@ -47,6 +47,8 @@ class PairSampler:
     log-probs are recorded.
     """
 
+    deterministic = True  # completions come from the data: reference log-probs are cached
+
     def __init__(self, chosen_key: str = "chosen", rejected_key: str = "rejected",
                  chat_template: bool = False, append_eos: bool = True, max_completion_tokens: int = 0):
         if max_completion_tokens < 0:

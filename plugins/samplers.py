@@ -42,6 +42,8 @@ class HFGenerateSampler:
 class DemonstrationSampler:
     """Use each prompt's demonstration (``solution``, else ``answer``) as its completion: for SFT."""
 
+    deterministic = True  # completions come from the data: reference log-probs are cached
+
     def __init__(self, chat_template: bool = False, append_eos: bool = True):
         self.chat_template = chat_template
         self.append_eos = append_eos

@@ -29,6 +29,10 @@ group's ``group_ids`` must be distinct). A sampler with an ``observe(rollouts)``
 scored batch (``rewards`` set), of all processes, before dynamic sampling drops any group (e.g. to
 update per-prompt statistics).
 
+A sampler whose completions depend only on the prompt (no generation: demonstrations, preference
+pairs) sets ``deterministic = True``; the trainer then computes reference log-probs once per
+(prompt, completion) and stage, and reuses them in later epochs.
+
 Components that keep state across steps (e.g. prompt statistics) implement ``state_dict()`` and
 ``load_state_dict(state)`` so that checkpoints resume them exactly.
 """

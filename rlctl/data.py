@@ -19,8 +19,12 @@ Split = tuple[list[Prompt], list[Prompt]]
 
 
 def arithmetic(num_train: int = 2000, num_eval: int = 200, min_operand: int = 0, max_operand: int = 99,
-               ops: list = ["+"], seed: int = 1234) -> Split:  # noqa: B006 (read-only default)
-    """Problems ``a+b=`` with answer ``a+b``; eval problems never appear in training."""
+               ops: list = ["+"], seed: int = 1234, pairs: bool = False) -> Split:  # noqa: B006 (read-only)
+    """Problems ``a+b=`` with answer ``a+b``; eval problems never appear in training.
+
+    ``pairs = true`` adds preference pairs: ``info["chosen"]`` is the answer, ``info["rejected"]`` a
+    near miss (off by 1 or 10), for the ``pairs`` sampler and preference losses.
+    """
     if min_operand > max_operand:
         raise ValueError(f"min_operand = {min_operand} > max_operand = {max_operand}")
     bad = [o for o in ops if o not in ("+", "-", "*")]
@@ -39,7 +43,8 @@ def arithmetic(num_train: int = 2000, num_eval: int = 200, min_operand: int = 0,
             continue
         seen.add((a, op, b))
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        prompts.append(Prompt(text=f"{a}{op}{b}=", answer=str(value), solution=str(value)))
+        info = {"chosen": str(value), "rejected": str(value + rng.choice((-10, -1, 1, 10)))} if pairs else {}
+        prompts.append(Prompt(text=f"{a}{op}{b}=", answer=str(value), solution=str(value), info=info))
     return prompts[:num_train], prompts[num_train:]
 
 

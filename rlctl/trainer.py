@@ -60,6 +60,7 @@ class Trainer:
         self.value_head: ValueHead | None = None
         self.reference: torch.nn.Module | None = None  # a frozen copy (None with LoRA: adapters off)
         self.uses_reference = False
+        self._ref_cache: dict[tuple[str, str], torch.Tensor] | None = None
         self.initial_reference: torch.nn.Module | None = None
         self.eval_results: dict[str, dict[str, float]] = {}
         self.resume = resume
@@ -203,6 +204,9 @@ class Trainer:
             self.reference = (self.initial_reference if stage.train.reference == "initial"
                               else frozen_copy(self.policy_model))
         self.uses_reference = "ref_logprobs" in needs
+        # completions that depend only on the prompt (demonstrations, preference pairs) meet the same
+        # frozen reference again every epoch: score each once per stage
+        self._ref_cache = {} if self.uses_reference and getattr(built["sampler"], "deterministic", False) else None
         params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
         params += list(self.value_head.parameters()) if self.value_head else []
         optimizer = torch.optim.AdamW(params, lr=stage.train.lr, betas=tuple(stage.train.adam_betas),
@@ -384,6 +388,23 @@ class Trainer:
         return total, stats
 
     def _reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """Reference log-probs; cached per (prompt, completion) when the sampler is deterministic."""
+        if self._ref_cache is None:
+            return self._score_reference(rollouts)
+        keys = list(zip(rollouts.prompts, rollouts.completions))
+        missing = [i for i, key in enumerate(keys) if key not in self._ref_cache]
+        if missing:
+            fresh = self._score_reference(rollouts.select(missing))
+            for row, i in enumerate(missing):
+                length = int(rollouts.completion_mask[i].sum())
+                self._ref_cache[keys[i]] = fresh[row, :length].cpu()
+        out = torch.zeros(rollouts.completion_ids.shape, dtype=torch.float32)
+        for i, key in enumerate(keys):
+            cached = self._ref_cache[key]
+            out[i, : len(cached)] = cached
+        return out.to(rollouts.completion_ids.device)
+
+    def _score_reference(self, rollouts: Rollouts) -> torch.Tensor:
         if self.reference is None:  # LoRA: the base model is the policy with its adapters switched off
             with adapters_disabled(self.policy_model), self.accelerator.autocast():
                 return score_completions(self.policy_model, rollouts).logprobs

@@ -201,3 +201,24 @@ def test_unknown_tracker_is_a_recipe_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(RecipeError, match=r"\[train\] trackers: 'neptune' is not a tracker; accepted: tensorboard"):
         load_recipe(write_recipe(tmp_path, grpo_recipe(tiny_model_dir, extra='trackers = ["neptune"]\n')))
+
+
+def test_dpo_reference_is_scored_once_per_pair_and_starts_at_log2(tmp_path, monkeypatch):
+    import math
+
+    from rlctl.trainer import Trainer as T
+
+    scored = []
+    original = T._score_reference
+    monkeypatch.setattr(T, "_score_reference", lambda self, r: scored.append(len(r)) or original(self, r))
+    overrides = ["data.num_train=8", "data.num_eval=4", "train.prompts_per_step=4", "stage.0.steps=1",
+                 "stage.0.train.prompts_per_step=4", "stage.1.steps=4", "model.tiny.hidden_size=32"]
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "dpo.toml", overrides)
+    Trainer(recipe, output_dir=tmp_path / "run", show_progress=False).run()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval" not in r]
+    dpo = [r for r in rows if r["stage"] == "dpo"]
+    assert len(dpo) == 4
+    assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the stage start
+    assert sum(scored) == 16  # 8 prompts x 2 completions, although 4 steps visit every pair twice
