@@ -23,9 +23,10 @@ import torch
 
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy
-from rlctl.ops import AGGREGATIONS, aggregate
+from rlctl.ops import aggregate
 from rlctl.rollouts import Prompt, Rollouts
 from rlctl_plugins.policy_loss import ClippedPolicyLoss
+from rlctl_plugins.sft import check_nll_aggregation
 from rlctl_plugins.prefix import demonstration
 from rlctl_plugins.samplers import DemonstrationSampler, HFGenerateSampler
 
@@ -172,9 +173,7 @@ class MixedLoss(ClippedPolicyLoss):
         super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
                          ratio_level, dual_clip, tis_cap)
         _check_weight("weight", weight)
-        if sft_aggregation not in AGGREGATIONS or sft_aggregation == "constant":
-            raise ValueError(f"sft_aggregation = {sft_aggregation!r}: accepted values are "
-                             "token-mean, seq-mean-token-mean, seq-mean-token-sum")
+        check_nll_aggregation("sft_aggregation", sft_aggregation)
         self.mix_weight = weight
         self.sft_aggregation = sft_aggregation
 

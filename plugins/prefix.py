@@ -21,9 +21,10 @@ import torch
 from rlctl.generation import encode_prompts, generate
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy
-from rlctl.ops import AGGREGATIONS, aggregate, masked_mean
+from rlctl.ops import aggregate, masked_mean
 from rlctl.rollouts import Prompt, Rollouts
 from rlctl_plugins.policy_loss import ClippedPolicyLoss
+from rlctl_plugins.sft import check_nll_aggregation
 from rlctl_plugins.samplers import HFGenerateSampler
 
 
@@ -193,9 +194,7 @@ class PrefixPolicyLoss(ClippedPolicyLoss):
                          ratio_level, dual_clip, tis_cap)
         if sft_coef < 0:
             raise ValueError(f"sft_coef = {sft_coef}: must be >= 0")
-        if sft_aggregation not in AGGREGATIONS or sft_aggregation == "constant":
-            raise ValueError(f"sft_aggregation = {sft_aggregation!r}: accepted values are "
-                             "token-mean, seq-mean-token-mean, seq-mean-token-sum")
+        check_nll_aggregation("sft_aggregation", sft_aggregation)
         self.sft_coef = sft_coef
         self.sft_aggregation = sft_aggregation
 

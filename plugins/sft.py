@@ -9,15 +9,22 @@ from rlctl.ops import AGGREGATIONS, aggregate
 from rlctl.rollouts import Rollouts
 
 
+NLL_AGGREGATIONS = tuple(a for a in AGGREGATIONS if a != "constant")
+
+
+def check_nll_aggregation(key: str, value: str) -> None:
+    """Aggregations that make sense for a likelihood term (no constant normaliser)."""
+    if value not in NLL_AGGREGATIONS:
+        raise ValueError(f"{key} = {value!r}: accepted values are {', '.join(NLL_AGGREGATIONS)}")
+
+
 class SFTLoss:
     """Mean negative log-likelihood of completion tokens (``aggregation`` as in ``rlctl.ops``)."""
 
     requires: tuple[str, ...] = ()
 
     def __init__(self, aggregation: str = "token-mean"):
-        if aggregation not in AGGREGATIONS or aggregation == "constant":
-            raise ValueError(f"aggregation = {aggregation!r}: accepted values are "
-                             "token-mean, seq-mean-token-mean, seq-mean-token-sum")
+        check_nll_aggregation("aggregation", aggregation)
         self.aggregation = aggregation
 
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
