@@ -481,8 +481,8 @@ def _component_list(names: PluginNames, kinds: tuple[str, ...]) -> str:
     rows = []
     for kind in kinds:
         if kind == "observer":
-            rows.append(f"| observer | (every run) | `rlctl_on_run_start`, `rlctl_on_step_end`, "
-                        f"`rlctl_on_run_end` |")
+            rows.append("| observer | (every run) | `rlctl_on_run_start`, `rlctl_on_step_end`, "
+                        "`rlctl_on_run_end` |")
         else:
             table = "[[reward]]" if kind == "reward" else f"[{kind}]"
             rows.append(f'| {kind} | `{table} use = "{names.module}"` | `{names.cls}{kind.capitalize()}` |')
