@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -239,6 +240,7 @@ class NestedSampler:
         self.batch_size = batch_size
         self.draws = 0  # batches sampled so far: the index of the next draw
         self.last_skipped: list[int] = []
+        self.last_timing: dict[str, float] = {}  # seconds spent generating / scoring mu in the last batch
         self._warned = False
 
     # the nested_skip scheduler sets this between steps
@@ -270,13 +272,16 @@ class NestedSampler:
         _, blocks = find_blocks(model)
         skip = self.skip_set(len(blocks))
         self._check_generation_config(model)
+        started = _now(model)
         with skipped_blocks(model, skip):
             rollouts = generate(policy, prompts, group_size, max_new_tokens=self.max_new_tokens, do_sample=True,
                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                 min_new_tokens=self.min_new_tokens, chat_template=self.chat_template,
                                 batch_size=self.batch_size)
+            generated = _now(model)
             rollouts.behavior_logprobs = self.behavior_logprobs(
                 model, rollouts, eos_token_ids(model, policy.tokenizer), rows=self.batch_size * group_size)
+        self.last_timing = {"generate_s": generated - started, "score_s": _now(model) - generated}
         self.last_skipped = skip
         for item in rollouts.info:
             item["skipped_layers"] = list(skip)
@@ -350,6 +355,14 @@ class NestedSampler:
         self.draws = int(state["draws"])
         if state.get("skip_ratio") is not None and self.skip_layers is None:
             self.skip_ratio = state["skip_ratio"]
+
+
+def _now(model: nn.Module) -> float:
+    """A timestamp after the model's queued GPU work (for ``last_timing``)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # ---------------------------------------------------------------------------- the scheduler

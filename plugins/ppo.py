@@ -115,6 +115,7 @@ class GAEAdvantage:
         if self.kl_coef:
             kl = kl_penalty(rollouts.old_logprobs.float(), rollouts.ref_logprobs.float(), self.kl_estimator)
             r = r - self.kl_coef * kl * mask
+            self.last_stats = {"kl": float(masked_mean(kl, mask))}  # logged as metric "kl"
         return r
 
     def compute(self, rollouts: Rollouts) -> torch.Tensor:

@@ -1,10 +1,24 @@
-"""Batched generation with ``transformers``' ``generate``: prompts in, ``Rollouts`` out.
+"""Batched generation: prompts in, ``Rollouts`` out.
 
 Shared by the ``hf`` sampler and by evaluation (greedy), so both tokenise, pad and mask alike.
+
+Decoder-only models with a ``transformers`` cache are decoded by ``_decode`` below, which samples exactly
+as ``model.generate`` does (EOS suppressed before ``min_new_tokens``, then temperature, top-k and top-p,
+then a multinomial draw; greedy takes the arg-max) and pads each row after its first EOS, but:
+
+* runs each prompt's prefill once and shares its KV cache across the ``group_size`` completions of the
+  prompt (the cache is repeated G times after the prefill instead of prefilling G copies);
+* writes new keys/values into buffers allocated once for the whole completion, instead of concatenating
+  the cache at every step (which copies the whole cache once per generated token);
+* has none of ``generate``'s per-step logits-processor, stopping-criteria and input-preparation overhead.
+
+Other models (encoder-decoders, caches of other kinds) use ``model.generate``; so does every model when
+the environment sets ``RLCTL_GENERATE=hf``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -46,31 +60,38 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     """``group_size`` completions per prompt (group ``i`` = prompt ``i``), right-padded and masked."""
     tok, model = policy.tokenizer, policy.model
     enc = encode_prompts(tok, [p.text for p in prompts], chat_template)
-    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0).to(policy.device)
-    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0).to(policy.device)
-    chunk = (batch_size or len(prompts)) * group_size
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    device = policy.device
+    unique_ids, unique_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
+    eos = eos_token_ids(model, tok)
+    per_call = batch_size or len(prompts)  # prompts per decoding call
+    fast = use_fast_decoding(model)
     was_training = model.training
     model.eval()
     pieces = []
-    for start in range(0, prompt_ids.shape[0], chunk):
-        out = model.generate(
-            input_ids=prompt_ids[start:start + chunk],
-            attention_mask=prompt_mask[start:start + chunk],
-            do_sample=do_sample,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            **sampling,
-        )
-        pieces.append(out[:, prompt_ids.shape[1]:])
-    model.train(was_training)
+    try:
+        for start in range(0, len(prompts), per_call):
+            rows = slice(start * group_size, (start + per_call) * group_size)
+            if fast:
+                pieces.append(_decode(model, unique_ids[start:start + per_call],
+                                      unique_mask[start:start + per_call], group_size,
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      eos=eos, pad_token_id=tok.pad_token_id))
+                continue
+            sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+            out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                                 do_sample=do_sample, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+            pieces.append(out[:, prompt_ids.shape[1]:])
+    finally:
+        model.train(was_training)
     width = max(1, max(p.shape[1] for p in pieces))
     ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tok.pad_token_id)
                      for p in pieces])
-    eos = eos_token_ids(model, tok)
     mask = completion_mask(ids, eos)
-    if pieces[0].shape[1] == 0:
+    if max(p.shape[1] for p in pieces) == 0:
         mask.zero_()
     truncated = (~torch.isin(ids, torch.as_tensor(eos, device=ids.device)).any(dim=1)).tolist()
     keep = max(1, int(mask.sum(dim=1).max().item()))  # drop columns that are padding in every row
@@ -88,3 +109,152 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
               for i, p in enumerate(prompts) for j in range(group_size)],
         temperature=temperature if do_sample else 1.0,
     )
+
+
+# ------------------------------------------------------------------------------- fast decoding
+def use_fast_decoding(model: Any) -> bool:
+    """Whether ``generate`` decodes ``model`` itself (else it calls ``model.generate``)."""
+    if os.environ.get("RLCTL_GENERATE", "").lower() == "hf":
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: F401
+    except ImportError:  # a transformers without per-layer caches
+        return False
+    try:
+        cache = _new_cache(model)
+    except Exception:
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    # lazily built caches start empty; otherwise every layer must be one we know how to repeat
+    return all(hasattr(layer, "batch_repeat_interleave") for layer in layers)
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _growing_layer_class() -> type:
+    """A ``DynamicLayer`` that writes into buffers sized for the whole completion instead of concatenating."""
+    global _GrowingLayer
+    if _GrowingLayer is not None:
+        return _GrowingLayer
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            b, h, n, d = keys.shape
+            self.dtype, self.device = keys.dtype, keys.device
+            self._k = keys.new_empty((b, h, capacity, d))
+            self._v = values.new_empty((b, h, capacity, values.shape[-1]))
+            self._k[:, :, :n].copy_(keys)
+            self._v[:, :, :n].copy_(values)
+            self._n = n
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            end = self._n + key_states.shape[-2]
+            if end > self._k.shape[-2]:  # past the planned length: fall back to concatenation
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._k[:, :, self._n:end].copy_(key_states)
+            self._v[:, :, self._n:end].copy_(value_states)
+            self._n = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+    _GrowingLayer = GrowingLayer
+    return GrowingLayer
+
+
+_GrowingLayer: type | None = None
+
+
+def _expand_cache(cache: Any, repeats: int, capacity: int) -> None:
+    """Repeat every prompt's cache ``repeats`` times; plain layers move into preallocated buffers."""
+    from transformers.cache_utils import DynamicLayer
+
+    growing = _growing_layer_class()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            keys, values = layer.keys, layer.values
+            if repeats > 1:
+                keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
+            cache.layers[i] = growing(keys, values, capacity)
+        elif repeats > 1:
+            layer.batch_repeat_interleave(repeats)
+
+
+def _next_tokens(logits: torch.Tensor, step: int, *, do_sample: bool, temperature: float, top_k: int,
+                 top_p: float, min_new_tokens: int, eos: torch.Tensor) -> torch.Tensor:
+    """One token per row from fp32 logits [B, V], with ``generate``'s processors in its order."""
+    if step < min_new_tokens:
+        logits = logits.index_fill(1, eos, float("-inf"))
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[:, -1] = False  # keep at least one token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, *,
+            max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+            top_p: float, eos: list[int], pad_token_id: int) -> torch.Tensor:
+    """Completion ids [P * G, steps] (pad after each row's first EOS) for P left-padded prompts."""
+    device = prompt_ids.device
+    n_rows, p_len = prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
+    out = torch.full((n_rows, max(0, max_new_tokens)), pad_token_id, dtype=torch.long, device=device)
+    if max_new_tokens <= 0:
+        return out
+    padded = not bool(prompt_mask.all())
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = _new_cache(model)
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    _expand_cache(cache, group_size, p_len + max_new_tokens)
+    logits = logits.float().repeat_interleave(group_size, dim=0)
+    # the attention mask of every row for the whole completion, passed as growing views
+    full_mask = None
+    if padded:
+        full_mask = torch.ones((n_rows, p_len + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+        full_mask[:, :p_len] = prompt_mask.repeat_interleave(group_size, dim=0)
+    next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+    eos_t = torch.as_tensor(eos, dtype=torch.long, device=device)
+    unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
+    check_every = 1 if device.type == "cpu" else 8  # how often to look for "all rows finished" (a sync)
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "min_new_tokens": min_new_tokens, "eos": eos_t}
+    steps = max_new_tokens
+    for step in range(max_new_tokens):
+        tokens = _next_tokens(logits, step, **sampling)
+        tokens = torch.where(unfinished, tokens, pad_token_id)
+        out[:, step] = tokens
+        unfinished &= ~torch.isin(tokens, eos_t)
+        if step + 1 == max_new_tokens:
+            break
+        if (step + 1) % check_every == 0 and not bool(unfinished.any()):
+            steps = step + 1
+            break
+        mask = None if full_mask is None else full_mask[:, :p_len + step + 1]
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos + step,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    return out[:, :steps]

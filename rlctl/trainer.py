@@ -250,30 +250,23 @@ class Trainer:
             group["lr"] = state.lr
 
         need_rewards = "rewards" in needs or "advantages" in needs
-        rollouts, reward_stats, rounds = self._collect(stage, built, specs, need_rewards)
+        rollouts, reward_stats, rounds, informative = self._collect(stage, built, specs, need_rewards)
         t_sample = time.perf_counter() - t0
         metrics: dict[str, Any] = {"step": state.step, "stage": stage.name, "lr": state.lr, **reward_stats}
         if rounds > 1:
             metrics["sampling_rounds"] = rounds
 
         rollouts = rollouts.to(self.accelerator.device)
-        # With one pass over one mini-batch the weights that score the batch are the ones that sampled
-        # it, so the update's own forward gives the old log-probs (no extra pass) unless the advantage
-        # estimator needs them before the update.
-        advantage_needs_old = "old_logprobs" in requirements(built.get("advantage")) and "advantages" in needs
-        on_policy_single_pass = t.ppo_epochs == 1 and t.mini_batches == 1 and not advantage_needs_old
-        with torch.no_grad():
-            if "values" in needs or ("old_logprobs" in needs and not on_policy_single_pass):
-                old = self._forward(rollouts, grad=False, values="values" in needs)
-                if "old_logprobs" in needs:
-                    rollouts.old_logprobs = old.logprobs
-                rollouts.values = old.values
-            if self.uses_reference:
-                rollouts.ref_logprobs = self._reference_logprobs(rollouts)
-        if "advantages" in needs:
-            rollouts.advantages = self._advantages(rollouts, built["advantage"], specs["advantage"])
+        if self.accelerator.num_processes > 1:  # a skipped update must be skipped by every process
+            from accelerate.utils import gather_object
 
-        update_stats = self._update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass)
+            informative = all(gather_object([informative]))
+        if informative:
+            update_stats = self._learn(rollouts, built, specs, needs, t, metrics)
+        else:
+            update_stats = {"no_signal": 1.0}
+            self.view.message(f"warning: step {state.step}: every group had identical rewards in {rounds} "
+                              "sampling round(s); no update this step")
         elapsed = time.perf_counter() - t0
         tokens = rollouts.num_tokens
         metrics.update(update_stats)
@@ -296,9 +289,34 @@ class Trainer:
         plugins.hook().rlctl_on_step_end(state=state, metrics=metrics)
         self._check_finite(update_stats, stage)
 
+    def _learn(self, rollouts: Rollouts, built: dict[str, Any], specs: dict[str, Any], needs: set[str],
+               t: Any, metrics: dict[str, Any]) -> dict[str, float]:
+        """Old/reference log-probs and values as required, advantages, then the optimizer updates."""
+        # With one pass over one mini-batch the weights that score the batch are the ones that sampled
+        # it, so the update's own forward gives the old log-probs (no extra pass) unless the advantage
+        # estimator needs them before the update.
+        advantage_needs_old = "old_logprobs" in requirements(built.get("advantage")) and "advantages" in needs
+        on_policy_single_pass = t.ppo_epochs == 1 and t.mini_batches == 1 and not advantage_needs_old
+        with torch.no_grad():
+            if "values" in needs or ("old_logprobs" in needs and not on_policy_single_pass):
+                old = self._forward(rollouts, grad=False, values="values" in needs)
+                if "old_logprobs" in needs:
+                    rollouts.old_logprobs = old.logprobs
+                rollouts.values = old.values
+            if self.uses_reference:
+                rollouts.ref_logprobs = self._reference_logprobs(rollouts)
+        if "advantages" in needs:
+            rollouts.advantages = self._advantages(rollouts, built["advantage"], specs["advantage"])
+            metrics.update(getattr(built["advantage"], "last_stats", None) or {})  # e.g. a KL in the reward
+
+        return self._update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass)
+
     def _collect(self, stage: Stage, built: dict[str, Any], specs: dict[str, Any],
-                 need_rewards: bool) -> tuple[Rollouts, dict[str, float], int]:
-        """Sample (and score) a batch; with ``drop_uniform_groups``, keep refilling up to the batch size."""
+                 need_rewards: bool) -> tuple[Rollouts, dict[str, float], int, bool]:
+        """Sample (and score) a batch; with ``drop_uniform_groups``, keep refilling up to the batch size.
+
+        Returns (rollouts, reward metrics, sampling rounds, whether anything is left to train on).
+        """
         t = stage.train
         policy = Policy(self.policy_model, self.tokenizer)
         kept: list[Rollouts] = []
@@ -321,6 +339,7 @@ class Trainer:
                     first_stats = stats  # metrics describe what the policy produced, before filtering
                 self._observe(built["sampler"], specs["sampler"], batch)
             rounds += 1
+            last = batch
             if t.drop_uniform_groups and batch.rewards is not None:
                 batch = _drop_uniform_groups(batch)
                 if len(batch) == 0:
@@ -329,13 +348,12 @@ class Trainer:
             groups_kept += int(torch.unique(batch.group_ids).numel())
             if not t.drop_uniform_groups:
                 break
-        if not kept:  # every group was uniform in every round: train on nothing rather than crash
-            raise RlctlError(f"stage {stage.name!r}: every group had identical rewards in "
-                             f"{t.max_sampling_rounds} sampling round(s); raise [train] max_sampling_rounds")
+        if not kept:  # every group was uniform in every round: nothing to learn from this step
+            return last, first_stats, rounds, False
         rollouts = Rollouts.concat(kept, pad_token_id=self.tokenizer.pad_token_id)
         if t.drop_uniform_groups:
             rollouts = _first_groups(rollouts, wanted)
-        return rollouts, first_stats, rounds
+        return rollouts, first_stats, rounds, True
 
     def _observe(self, sampler: Any, spec: ComponentSpec, batch: Rollouts) -> None:
         """Show a sampler every scored batch of all processes (before dynamic-sampling filters)."""

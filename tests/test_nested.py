@@ -144,11 +144,13 @@ def test_cached_decoding_matches_a_physically_smaller_model(arch, tmp_path_facto
 
 
 def test_without_renumbering_the_cache_breaks_when_block_0_is_skipped(tmp_path_factory):
-    """Why the kept blocks get cache slots 0..K-1: slot 0 gives the cache's length and the masks."""
+    """Why the kept blocks get cache slots 0..K-1: the cache's length, and with it the attention mask of
+    the decoding steps, is read from slot 0, which stays empty when block 0 is skipped."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama", tmp_path_factory)).eval()
-    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # left padding: the mask needs the cache length
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     small = physically_smaller(model, [1, 2, 3])
     with torch.no_grad():
         _, want = greedy_with_cache(small, ids, mask, 4)
@@ -477,6 +479,6 @@ def test_nested_reft_recipe_trains_end_to_end(tmp_path):
     for r in rows[1:]:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert r["is_ratio_mean"] > 0 and r["is_ratio_max"] >= r["is_ratio_mean"] and 0 < r["ess"] <= 1
-    # the schedule: start = 0.5 -> 2 blocks of 4 skipped, end = 0.25 -> 1
-    assert [r["skipped_layers"] for r in rows[1:]] == [2.0, 1.0]
+    # the schedule: start = 0.25 -> 1 block of 4 skipped, end = 0 -> none
+    assert [r["skipped_layers"] for r in rows[1:]] == [1.0, 0.0]
     assert all(type(b).__name__ == "LlamaDecoderLayer" for b in find_blocks(trainer.policy_model)[1])

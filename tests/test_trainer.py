@@ -222,3 +222,18 @@ def test_dpo_reference_is_scored_once_per_pair_and_starts_at_log2(tmp_path, monk
     assert len(dpo) == 4
     assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the stage start
     assert sum(scored) == 16  # 8 prompts x 2 completions, although 4 steps visit every pair twice
+
+
+def test_a_step_without_signal_is_skipped_not_fatal(tiny_model_dir, tmp_path, monkeypatch):
+    from rlctl_plugins.rewards import ExactAnswerReward
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(ExactAnswerReward, "score", lambda self, r: torch.ones(len(r)))  # every group uniform
+    extra = "drop_uniform_groups = true\nmax_sampling_rounds = 2\n"
+    trainer, summary, rows = run(tmp_path, grpo_recipe(tiny_model_dir, steps=2, extra=extra))
+    steps = [r for r in rows if "eval" not in r]
+    assert [r["no_signal"] for r in steps] == [1.0, 1.0] and steps[0]["sampling_rounds"] == 2
+    assert summary["steps"] == 2 and (tmp_path / "run" / "final").exists()
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for p, q in zip(trainer.policy_model.parameters(), before.parameters()):
+        torch.testing.assert_close(p, q)
