@@ -22,6 +22,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ["RLCTL_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models train faster on one intra-op thread: several spin against each other on 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from rlctl.models import build_tiny_model

@@ -32,14 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [Prompt("12+7=", answer="19"), Prompt("3+4=", answer="7"), Prompt("40+9=", answer="49")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: several intra-op threads spin against each other and slow tiny models down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_dir(arch: str, tmp_path_factory, layers: int = 4) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}") / "m", arch=arch, hidden_size=32,

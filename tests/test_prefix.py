@@ -168,13 +168,6 @@ def test_bad_sampler_options(options, message):
 
 
 # ---------------------------------------------------------------------------------------- a run
-@pytest.fixture
-def one_thread():
-    """Two shared cores: one intra-op thread trains the tiny model faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 PREFIX_RECIPE = """
@@ -187,7 +180,7 @@ max_ratio = 1.0
 
 
 @pytest.mark.slow
-def test_prefix_sampling_trains_end_to_end(tiny_model_dir, tmp_path, one_thread):
+def test_prefix_sampling_trains_end_to_end(tiny_model_dir, tmp_path):
     text = grpo_recipe(tiny_model_dir, steps=2).replace('[sampler]\nuse = "hf"\nmax_new_tokens = 4\n', PREFIX_RECIPE)
     text = text.replace('use = "ppo_clip"', 'use = "prefix_pg"\nsft_coef = 0.5')
     # arithmetic solutions are the answers themselves ("12"): the prefix is part of the answer

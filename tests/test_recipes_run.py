@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
 from rlctl.components import stage_needs
 from rlctl.metrics import read_metrics
@@ -140,14 +139,6 @@ def shrink(path: Path) -> list[str]:
         out.append("train.steps=2")
     return out
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: several intra-op threads spin against each other and slow the runs ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def finite(x: Any) -> bool:

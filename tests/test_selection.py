@@ -295,13 +295,6 @@ def mixed_outcomes(monkeypatch):
     monkeypatch.setattr(ExactAnswerReward, "score", varied_reward)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SELECTORS)
