@@ -334,9 +334,16 @@ class NestedSampler:
         return torch.stack(out_rows)
 
     def _check_generation_config(self, model: nn.Module) -> None:
-        """Warn once when the model's generation config adds processors that mu does not model."""
+        """Warn once when ``model.generate`` (used for models rlctl does not decode itself) would apply
+        processors from the model's generation config that mu does not model."""
         if self._warned:
             return
+        self._warned = True
+        from rlctl import generation
+
+        fast = getattr(generation, "use_fast_decoding", None)
+        if fast is not None and fast(model):
+            return  # rlctl's own decoding loop applies only the processors that mu models
         cfg = getattr(model, "generation_config", None)
         extra = {k: getattr(cfg, k, None) for k in ("repetition_penalty", "no_repeat_ngram_size",
                                                      "bad_words_ids", "suppress_tokens", "min_p", "typical_p")}
@@ -346,7 +353,6 @@ class NestedSampler:
             warnings.warn(f"nested sampler: the model's generation_config sets {active}; behavior_logprobs model "
                           "only temperature, top_k, top_p and min_new_tokens, so the importance ratios are "
                           "approximate", stacklevel=2)
-        self._warned = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"draws": self.draws, "skip_ratio": self._skip_ratio}

@@ -208,6 +208,34 @@ def test_behavior_logprobs_are_the_sampling_distribution(policy4):
         assert_close(got * mask, want * mask, atol=1e-5, rtol=1e-5)
 
 
+def test_sampler_equals_sampling_from_a_physically_smaller_model(policy4):
+    """The whole sampler (rlctl's decoding loop, group KV-cache sharing, behaviour scoring) with blocks 0
+    and 2 skipped draws the same completions, with the same log-probs, as the 2-block model."""
+    from rlctl.generation import generate
+
+    small = Policy(physically_smaller(policy4.model, [1, 3]), policy4.tokenizer)
+    sampler = NestedSampler(skip_layers=[0, 2], keep_first=0, max_new_tokens=6, temperature=0.8)
+    torch.manual_seed(3)
+    got = sampler.sample(policy4, PROMPTS, group_size=3)
+    torch.manual_seed(3)
+    want = generate(small, PROMPTS, 3, max_new_tokens=6, temperature=0.8)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    with torch.no_grad():
+        want_logprobs = score_completions(small.model, want).logprobs
+    m = want.completion_mask
+    assert_close(got.behavior_logprobs * m, want_logprobs * m, atol=1e-5, rtol=1e-5)
+
+
+def test_warns_when_model_generate_would_apply_processors_mu_ignores(policy4, monkeypatch, recwarn):
+    monkeypatch.setattr(policy4.model.generation_config, "repetition_penalty", 1.1)
+    monkeypatch.delenv("RLCTL_GENERATE", raising=False)
+    NestedSampler()._check_generation_config(policy4.model)  # rlctl's decoder ignores the penalty
+    assert not [w for w in recwarn if "nested sampler" in str(w.message)]
+    monkeypatch.setenv("RLCTL_GENERATE", "hf")
+    with pytest.warns(UserWarning, match="repetition_penalty"):
+        NestedSampler()._check_generation_config(policy4.model)
+
+
 def test_empty_skip_set_is_on_policy_and_nested_is_equals_ppo_clip(policy4):
     sampler = NestedSampler(skip_ratio=0.0, max_new_tokens=5, temperature=0.9)
     torch.manual_seed(1)
