@@ -128,10 +128,17 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def prompts_for(n: int) -> list[Any]:
+PREAMBLE = "Add the two numbers and reply with their sum, nothing else. "
+
+
+def prompts_for(n: int, prompt_len: int) -> list[dict[str, str]]:
+    """``n`` addition problems; with ``prompt_len`` > 0 each starts with an instruction of that many characters
+    (one token per character with the benchmark's tokenizer), as a long shared prompt prefix would."""
     from rlctl.data import arithmetic
 
-    return arithmetic(num_train=n, num_eval=0, max_operand=99)[0]
+    preamble = (PREAMBLE * (prompt_len // len(PREAMBLE) + 1))[:prompt_len]
+    return [{"prompt": preamble + p.text, "answer": p.answer}
+            for p in arithmetic(num_train=n, num_eval=0, max_operand=99)[0]]
 
 
 # -------------------------------------------------------------------------------------- rlctl run
@@ -156,9 +163,11 @@ def run_rlctl(a: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     tokens: list[int] = []
     plugins.registry().manager.register(Timer(), name="bench-timer")
     steps = a.warmup + a.steps
+    data = out_dir / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in prompts_for(a.prompts * steps, a.prompt_len)))
     doc = {
         "model": {"name": a.model, "dtype": "bfloat16" if a.dtype == "bf16" else "float32"},
-        "data": {"source": "arithmetic", "num_train": a.prompts * steps, "num_eval": 0, "max_operand": 99},
+        "data": {"source": "jsonl", "path": str(data)},
         "sampler": {"use": "hf", "max_new_tokens": a.max_new, "min_new_tokens": a.max_new,
                     "temperature": 1.0, "top_p": 1.0, "top_k": 0},
         "reward": [{"use": "exact"}],
@@ -202,7 +211,7 @@ def run_trl(a: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         return out
 
     steps = a.warmup + a.steps
-    rows = [{"prompt": p.text, "answer": p.answer} for p in prompts_for(a.prompts * steps)]
+    rows = prompts_for(a.prompts * steps, a.prompt_len)
     bf16 = a.dtype == "bf16"
     args = GRPOConfig(
         output_dir=str(out_dir), report_to="none", save_strategy="no", logging_steps=10**6,
@@ -249,10 +258,13 @@ def worker(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ driver
 def measure(framework: str, model: str, max_new: int, a: argparse.Namespace) -> dict[str, Any] | None:
-    cmd = [sys.executable, __file__, "--worker", framework, "--model", model, "--max-new", str(max_new),
-           "--prompts", str(a.prompts), "--group", str(a.group), "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--device", a.device, "--dtype", a.dtype, "--threads", str(a.threads)]
+    cmd = [sys.executable, __file__, "--worker", "trl" if framework == "trl" else "rlctl", "--model", model,
+           "--max-new", str(max_new), "--prompts", str(a.prompts), "--group", str(a.group),
+           "--steps", str(a.steps), "--warmup", str(a.warmup), "--prompt-len", str(a.prompt_len),
+           "--device", a.device, "--dtype", a.dtype, "--threads", str(a.threads)]
     env = dict(os.environ)
+    if framework == "rlctl-hf":  # rlctl with transformers' generate instead of its own decoding loop
+        env["RLCTL_GENERATE"] = "hf"
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -266,11 +278,15 @@ def measure(framework: str, model: str, max_new: int, a: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--frameworks", default="rlctl,trl", help="comma separated, alternated in this order")
+    p.add_argument("--frameworks", default="rlctl,trl",
+                   help="comma separated, alternated in this order: rlctl, trl, rlctl-hf (rlctl sampling with "
+                        "transformers' generate); ratios are of the first against each other")
     p.add_argument("--sizes", default="", help=f"CPU model sizes (default all: {', '.join(CPU_SIZES)})")
     p.add_argument("--lengths", default="", help="completion lengths (default 32,128 on CPU, 256,1024 on CUDA)")
     p.add_argument("--prompts", type=int, default=0, help="prompts per step (default 8 on CPU, 16 on CUDA)")
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
+    p.add_argument("--prompt-len", type=int, default=0,
+                   help="characters of instruction before each problem (= tokens on CPU); 0: problems alone")
     p.add_argument("--steps", type=int, default=3, help="measured steps per run (after the warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="steps discarded at the start of each run")
     p.add_argument("--reps", type=int, default=3, help="repetitions of each framework, alternated")
@@ -302,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = [f for f in a.frameworks.split(",") if f]
     cache = Path(a.cache) if a.cache else Path(tempfile.gettempdir()) / "rlctl-bench-models"
     models = build_models(a.device, cache, sizes)
-    print(f"device {a.device}, {a.dtype}, torch threads {a.threads or 'default'}, {a.prompts} prompts x "
-          f"{a.group} completions, {a.warmup} warm-up + {a.steps} measured steps, {a.reps} repetitions")
+    print(f"device {a.device}, {a.dtype}, torch threads {a.threads or 'default'}, {a.prompts} prompts "
+          f"(+{a.prompt_len} characters of instruction) x {a.group} completions, {a.warmup} warm-up + {a.steps} "
+          f"measured steps, {a.reps} repetitions")
     rows = []
     for size, path in models.items():
         for max_new in lengths:
@@ -311,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(a.reps):
                 for f in frameworks:  # alternate: rlctl, trl, rlctl, trl ...
                     r = measure(f, path, max_new, a)
+                    runs[f].append(r)  # None for a failed run, so that repetitions stay aligned
                     if r is not None:
-                        runs[f].append(r)
                         print(f"  {size} T={max_new} rep {rep} {f}: {r['tokens_per_s']:.0f} tok/s, "
                               f"step {r['step_time_s']:.3f}s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
             rows.append({"size": size, "max_new": max_new, "runs": runs})
@@ -327,16 +344,16 @@ def format_table(rows: list[dict[str, Any]], frameworks: list[str]) -> str:
     head = ["model", "T"]
     for f in frameworks:
         head += [f"{f} tok/s", f"{f} peak RSS MiB"]
-    gpu = any("peak_gpu_mib" in r for row in rows for runs in row["runs"].values() for r in runs)
+    gpu = any(r and "peak_gpu_mib" in r for row in rows for runs in row["runs"].values() for r in runs)
     if gpu:
         head += [f"{f} peak GPU MiB" for f in frameworks]
-    pair = frameworks[:2] if len(frameworks) >= 2 else []
-    if pair:
-        head.append(f"{pair[0]}/{pair[1]} (median ratio)")
+    first, others = frameworks[0], frameworks[1:]
+    head += [f"{first}/{other} (median ratio)" for other in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["size"], str(row["max_new"])]
-        runs = row["runs"]
+        aligned = row["runs"]
+        runs = {f: [r for r in rs if r is not None] for f, rs in aligned.items()}
         for f in frameworks:
             rs = runs[f]
             cells.append(f"{statistics.median(r['tokens_per_s'] for r in rs):.0f}" if rs else "failed")
@@ -344,8 +361,9 @@ def format_table(rows: list[dict[str, Any]], frameworks: list[str]) -> str:
         if gpu:
             cells += [f"{statistics.median(r.get('peak_gpu_mib', 0) for r in runs[f]):.0f}" if runs[f] else "-"
                       for f in frameworks]
-        if pair:
-            ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[pair[0]], runs[pair[1]])]
+        for other in others:  # ratios within each repetition, then their median
+            ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(aligned[first], aligned[other])
+                      if x is not None and y is not None]
             cells.append(f"{statistics.median(ratios):.2f}x" if ratios else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

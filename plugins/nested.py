@@ -39,6 +39,7 @@ from rlctl.generation import eos_token_ids, generate
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy, selective_logprobs
 from rlctl.rollouts import Prompt, Rollouts
+from rlctl_plugins.samplers import HFGenerateSampler
 
 # where the blocks of common decoder-only families live (first match wins)
 LAYER_PATHS = (
@@ -186,7 +187,7 @@ def draw_skip_set(num_blocks: int, skip_ratio: float, keep_first: int, keep_last
 
 
 # ------------------------------------------------------------------------------ the sampler
-class NestedSampler:
+class NestedSampler(HFGenerateSampler):
     """Sample with a nested behaviour model: the policy with some transformer blocks skipped.
 
     Per batch (``sample`` call) a skip set is drawn: ``round(skip_ratio * L)`` blocks (halves up) chosen
@@ -216,14 +217,7 @@ class NestedSampler:
             skip_ratio = 0.25
         if keep_first < 0 or keep_last < 0:
             raise ValueError(f"keep_first = {keep_first}, keep_last = {keep_last}: must be >= 0")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
-        if temperature <= 0:
-            raise ValueError(f"temperature = {temperature}: must be > 0 (sampling is required for RL)")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p = {top_p}: must be in (0, 1]")
-        if top_k < 0 or min_new_tokens < 0 or batch_size < 0:
-            raise ValueError("top_k, min_new_tokens and batch_size must be >= 0")
+        super().__init__(max_new_tokens, temperature, top_p, top_k, min_new_tokens, chat_template, batch_size)
         self.skip_layers = None if skip_layers is None else sorted(set(skip_layers))
         self._skip_ratio = None
         if skip_ratio is not None:
@@ -231,13 +225,6 @@ class NestedSampler:
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.seed = seed
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.min_new_tokens = min_new_tokens
-        self.chat_template = chat_template
-        self.batch_size = batch_size
         self.draws = 0  # batches sampled so far: the index of the next draw
         self.last_skipped: list[int] = []
         self.last_timing: dict[str, float] = {}  # seconds spent generating / scoring mu in the last batch

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from rlctl.generation import encode_prompts
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy
-from rlctl.rollouts import Prompt, Rollouts
+from rlctl.rollouts import Prompt, Rollouts, right_pad
 
 ROLE_KEY = "pair_role"  # info key the pairs sampler sets on every row
 CHOSEN, REJECTED = "chosen", "rejected"
@@ -85,12 +85,7 @@ class PairSampler:
         tok = policy.tokenizer
         completions = [text for p in prompts for text in self.texts(p)]
         targets = [self.encode(tok, text) for text in completions]
-        width = max(1, max(len(t) for t in targets))
-        ids = torch.full((len(targets), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(targets), width), dtype=torch.long)
-        for i, t in enumerate(targets):
-            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[i, : len(t)] = 1
+        ids, mask = right_pad(targets, tok.pad_token_id)
         enc = encode_prompts(tok, [p.text for p in prompts], self.chat_template)
         device = policy.device
         return Rollouts(

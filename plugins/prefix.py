@@ -22,7 +22,7 @@ from rlctl.generation import encode_prompts, generate
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy
 from rlctl.ops import aggregate, masked_mean
-from rlctl.rollouts import Prompt, Rollouts
+from rlctl.rollouts import Prompt, Rollouts, right_pad
 from rlctl_plugins.policy_loss import ClippedPolicyLoss
 from rlctl_plugins.sft import check_nll_aggregation
 from rlctl_plugins.samplers import HFGenerateSampler
@@ -146,14 +146,10 @@ class PrefixSampler:
                         batch_size=g.batch_size * group_size)
         lengths = cont.completion_mask.sum(dim=1).tolist()
         rows = [prefix + cont.completion_ids[i, : int(lengths[i])].tolist() for i, prefix in enumerate(prefixes)]
-        width = max(1, max(len(r) for r in rows))
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, prefix) in enumerate(zip(rows, prefixes)):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-            loss_mask[i, len(prefix): len(row)] = 1
+        ids, mask = right_pad(rows, tok.pad_token_id)
+        loss_mask = mask.clone()
+        for i, prefix in enumerate(prefixes):
+            loss_mask[i, : len(prefix)] = 0  # the policy's own continuation only
         enc = encode_prompts(tok, [p.text for p in prompts], self.chat_template)
         device = policy.device
         info = [{**cont.info[i], "prefix_len": len(prefix), "prefix_ratio": ratios[i]}

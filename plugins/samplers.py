@@ -9,7 +9,7 @@ import torch
 from rlctl.generation import encode_prompts, generate
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy
-from rlctl.rollouts import Prompt, Rollouts
+from rlctl.rollouts import Prompt, Rollouts, right_pad
 
 
 class HFGenerateSampler:
@@ -24,6 +24,8 @@ class HFGenerateSampler:
             raise ValueError(f"temperature = {temperature}: must be > 0 (sampling is required for RL)")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p = {top_p}: must be in (0, 1]")
+        if top_k < 0 or min_new_tokens < 0 or batch_size < 0:
+            raise ValueError("top_k, min_new_tokens and batch_size must be >= 0")
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -57,12 +59,7 @@ class DemonstrationSampler:
                 raise ValueError(f"prompt {p.text[:40]!r} has no solution or answer to imitate")
             ids = tok(text, add_special_tokens=False)["input_ids"]
             targets.append(ids + ([tok.eos_token_id] if self.append_eos else []))
-        width = max(len(t) for t in targets)
-        ids = torch.full((len(targets), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(targets), width), dtype=torch.long)
-        for i, t in enumerate(targets):
-            ids[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = 1
+        ids, mask = right_pad(targets, tok.pad_token_id)
         enc = encode_prompts(tok, [p.text for p in prompts], self.chat_template)
         return Rollouts(
             prompt_ids=enc["input_ids"].to(policy.device),

@@ -232,11 +232,15 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     _expand_cache(cache, group_size, p_len + max_new_tokens)
     logits = logits.float().repeat_interleave(group_size, dim=0)
-    # the attention mask of every row for the whole completion, passed as growing views
+    # the attention mask of every row for the whole completion, passed as growing views; with SDPA
+    # attention it is already the [B, 1, 1, keys] boolean mask of one query, which the model uses as is
     full_mask = None
     if padded:
-        full_mask = torch.ones((n_rows, p_len + max_new_tokens), dtype=prompt_mask.dtype, device=device)
-        full_mask[:, :p_len] = prompt_mask.repeat_interleave(group_size, dim=0)
+        as_4d = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        shape = (n_rows, 1, 1, p_len + max_new_tokens) if as_4d else (n_rows, p_len + max_new_tokens)
+        full_mask = torch.ones(shape, dtype=torch.bool if as_4d else prompt_mask.dtype, device=device)
+        full_mask[..., :p_len] = prompt_mask.repeat_interleave(group_size, dim=0).view(
+            shape[:-1] + (p_len,)).to(full_mask.dtype)
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
     eos_t = torch.as_tensor(eos, dtype=torch.long, device=device)
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
@@ -254,7 +258,7 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
         if (step + 1) % check_every == 0 and not bool(unfinished.any()):
             steps = step + 1
             break
-        mask = None if full_mask is None else full_mask[:, :p_len + step + 1]
+        mask = None if full_mask is None else full_mask[..., :p_len + step + 1]
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos + step,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
     return out[:, :steps]

@@ -179,23 +179,76 @@ class ValueHead(nn.Module):
 
 
 # -------------------------------------------------------------------------------------- log-probs
+_BLOCK_ELEMENTS = 2**22  # fp32 elements of one block of full-vocabulary rows (16 MiB)
+
+
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) (and optionally entropy) per position, one row block at a time.
+    """log p(target) (and optionally entropy) per position of ``logits`` [N, T, V], in fp32.
 
-    Works row by row so that at most one block of full-vocabulary fp32 log-softmax exists at once.
+    Forward and backward both work through one block of rows at a time: at most one block of
+    full-vocabulary fp32 values exists at once, and what is kept for the backward pass is the logits
+    themselves (in their own dtype, which the caller holds anyway) and one log-normaliser per position,
+    not an fp32 log-softmax of the whole batch. The gradient w.r.t. the logits is written in their dtype.
     """
-    logps, ents = [], []
-    block = max(1, 2**22 // max(1, logits.shape[-1] * logits.shape[-2]))
-    for start in range(0, logits.shape[0], block):
-        chunk = logits[start:start + block].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        logsm = F.log_softmax(chunk, dim=-1)
-        logps.append(logsm.gather(-1, targets[start:start + block].unsqueeze(-1)).squeeze(-1))
-        if with_entropy:
-            ents.append(-(logsm.exp() * logsm).sum(-1))
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, logits.shape[-1] * max(1, logits.shape[-2])))
+    logp, ent = _SelectiveLogprobs.apply(logits, targets, float(temperature), bool(with_entropy), rows)
+    return logp, (ent if with_entropy else None)
+
+
+class _SelectiveLogprobs(torch.autograd.Function):
+    """(log p[target], entropy) of softmax(logits / temperature), computed block by block.
+
+    With x = logits / temperature, p = softmax(x), lse = logsumexp(x) and H = lse - sum(p x):
+    d log p[y] / dx = onehot(y) - p,   dH / dx = -p (log p + H);   chain rule: d/dlogits = (d/dx) / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = logits.shape[0]
+        logp = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for s in range(0, n, rows):
+            x = logits[s:s + rows].float()
+            if temperature != 1.0:
+                x = x / temperature
+            lse_b = torch.logsumexp(x, dim=-1)
+            lse[s:s + rows] = lse_b
+            logp[s:s + rows] = x.gather(-1, targets[s:s + rows].unsqueeze(-1)).squeeze(-1) - lse_b
+            if with_entropy:
+                ent[s:s + rows] = lse_b - (torch.softmax(x, dim=-1) * x).sum(-1)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.temperature, ctx.with_entropy, ctx.rows = temperature, with_entropy, rows
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None) -> tuple[Any, ...]:
+        logits, targets, lse, ent = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        use_ent = ctx.with_entropy and grad_ent is not None
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], rows):
+            x = logits[s:s + rows].float()
+            if t != 1.0:
+                x = x / t
+            logsm = x - lse[s:s + rows].unsqueeze(-1)
+            p = logsm.exp()
+            g = torch.zeros_like(p)
+            if grad_logp is not None:
+                gl = grad_logp[s:s + rows].unsqueeze(-1).float()
+                g.sub_(p * gl)
+                g.scatter_add_(-1, targets[s:s + rows].unsqueeze(-1), gl)
+            if use_ent:
+                ge = grad_ent[s:s + rows].unsqueeze(-1).float()
+                g.sub_(p * (logsm + ent[s:s + rows].unsqueeze(-1)) * ge)
+            if t != 1.0:
+                g.div_(t)
+            grad[s:s + rows] = g
+        return grad, None, None, None, None
 
 
 @dataclass

@@ -153,6 +153,17 @@ def _pad_right(t: torch.Tensor, width: int, fill: float) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a right-padded ``[N, T]`` tensor and its 0/1 mask (T >= 1)."""
+    width = max([1, *(len(r) for r in rows)])
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 def group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Map arbitrary group ids to 0..K-1; returns (dense ids [N], K)."""
     unique, dense = torch.unique(group_ids, return_inverse=True)

@@ -20,7 +20,7 @@ PROBE = '''
 import os
 import torch
 from rlctl import hookimpl
-from rlctl.rollouts import Rollouts
+from rlctl.rollouts import Rollouts, right_pad
 from rlctl.generation import encode_prompts
 
 
@@ -31,12 +31,7 @@ class FixedSampler:
         tok = policy.tokenizer
         texts = [str(int(p.answer) + (j % 3) - 1) for p in prompts for j in range(group_size)]
         ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-        width = max(map(len, ids))
-        comp = torch.full((len(ids), width), tok.pad_token_id)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            comp[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
+        comp, mask = right_pad(ids, tok.pad_token_id)
         enc = encode_prompts(tok, [p.text for p in prompts])
         return Rollouts(
             prompt_ids=enc["input_ids"].repeat_interleave(group_size, 0),
@@ -101,6 +96,14 @@ def install_probe(site):
     (info / "entry_points.txt").write_text("[rlctl]\nddp_probe = rlctl_ddp_probe\n")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(args, env, probe_dir):
     probe_dir.mkdir()
     result = subprocess.run(args, env={**env, "PROBE_DIR": str(probe_dir)}, capture_output=True, text=True,
@@ -117,7 +120,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     assert os.path.exists(torchrun)
     launch([sys.executable, "-m", "rlctl", "run", str(recipe), "-o", str(tmp_path / "one"), "-q"], env,
            tmp_path / "p1")
-    launch([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "rlctl", "run", str(recipe),
+    launch([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "rlctl", "run", str(recipe),
             "-o", str(tmp_path / "two"), "-q"], env, tmp_path / "p2")
 
     for step in range(2):
