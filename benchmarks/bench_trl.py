@@ -265,6 +265,8 @@ def measure(framework: str, model: str, max_new: int, a: argparse.Namespace) -> 
     env = dict(os.environ)
     if framework == "rlctl-hf":  # rlctl with transformers' generate instead of its own decoding loop
         env["RLCTL_GENERATE"] = "hf"
+    if framework == "rlctl-full":  # rlctl scoring every row's prompt again (no prompt sharing in the update)
+        env["RLCTL_SHARED_PROMPTS"] = "0"
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--frameworks", default="rlctl,trl",
                    help="comma separated, alternated in this order: rlctl, trl, rlctl-hf (rlctl sampling with "
-                        "transformers' generate); ratios are of the first against each other")
+                        "transformers' generate), rlctl-full (rlctl without prompt sharing in the update); "
+                        "ratios are of the first against each other")
     p.add_argument("--sizes", default="", help=f"CPU model sizes (default all: {', '.join(CPU_SIZES)})")
     p.add_argument("--lengths", default="", help="completion lengths (default 32,128 on CPU, 256,1024 on CUDA)")
     p.add_argument("--prompts", type=int, default=0, help="prompts per step (default 8 on CPU, 16 on CUDA)")

@@ -260,7 +260,15 @@ class ForwardOut:
 
 def score_completions(model: nn.Module, rollouts: Any, value_head: nn.Module | None = None,
                       with_entropy: bool = False) -> ForwardOut:
-    """Log-probs of each completion token under ``model`` (one forward over prompt + completion)."""
+    """Log-probs of each completion token under ``model`` (one forward over prompt + completion).
+
+    When the completions of a group share their prompt and the prompt is a large enough part of the
+    batch, the prompt runs once per group and its keys/values are shared by the group's completions
+    (``_score_shared_prompts``): the same numbers, fewer FLOPs in the forward and the backward pass.
+    """
+    shared = _prompt_groups(model, rollouts)
+    if shared is not None:
+        return _score_shared_prompts(model, rollouts, *shared, value_head, with_entropy)
     input_ids = rollouts.input_ids
     attention = rollouts.attention_mask
     # position ids that skip left padding, so padded and unpadded prompts score identically
@@ -277,5 +285,76 @@ def score_completions(model: nn.Module, rollouts: Any, value_head: nn.Module | N
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1][:, p_len - 1:-1, :]
+        values = value_head(hidden.float())
+    return ForwardOut(logprobs=logprobs, entropy=entropy, values=values)
+
+
+# share the prompt when that removes at least this fraction of the batch's tokens from the forward pass
+SHARED_PROMPT_MIN_SAVING = 0.1
+
+
+def _prompt_groups(model: nn.Module, rollouts: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first row, rows) of each run of rows with one prompt, when sharing the prompt is worth it and safe.
+
+    Safe means a bare model (a DDP/FSDP wrapper expects one forward per backward), the cache-aware
+    ``transformers`` forward (``past_key_values``), and no activation checkpointing (which turns the
+    cache off in training).
+    """
+    if os.environ.get("RLCTL_SHARED_PROMPTS", "1") == "0":
+        return None
+    if not hasattr(model, "config") or isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    if getattr(model, "is_activation_checkpointing", False) or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    prompt_ids, prompt_mask = rollouts.prompt_ids, rollouts.prompt_mask
+    n, p_len = prompt_ids.shape
+    if n < 2 or p_len == 0:
+        return None
+    new_run = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
+    new_run[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(-1) | (prompt_mask[1:] != prompt_mask[:-1]).any(-1)
+    first = new_run.nonzero().squeeze(-1)
+    rows = torch.diff(first, append=torch.tensor([n], device=first.device))
+    saved = (n - len(first)) * p_len
+    if saved < SHARED_PROMPT_MIN_SAVING * n * (p_len + rollouts.completion_ids.shape[1]):
+        return None
+    return first, rows
+
+
+def _score_shared_prompts(model: nn.Module, rollouts: Any, first: torch.Tensor, rows: torch.Tensor,
+                          value_head: nn.Module | None, with_entropy: bool) -> ForwardOut:
+    """``score_completions`` with each distinct prompt run once and its keys/values repeated per row.
+
+    Gradients flow through the repeated keys/values back into the one prompt pass (summed over its rows),
+    so the update equals the one from scoring every row in full.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    attention = rollouts.attention_mask
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    p_len = rollouts.prompt_ids.shape[1]
+    want_hidden = value_head is not None
+    prompt_out = model(input_ids=rollouts.prompt_ids[first], attention_mask=rollouts.prompt_mask[first],
+                       position_ids=positions[first, :p_len], past_key_values=cache, use_cache=True,
+                       output_hidden_states=want_hidden, logits_to_keep=1)
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(rows, dim=0)
+        layer.values = layer.values.repeat_interleave(rows, dim=0)
+    out = model(input_ids=rollouts.completion_ids, attention_mask=attention, position_ids=positions[:, p_len:],
+                past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
+    # the first completion token is predicted by the prompt's last position, the others by the completion
+    targets, temperature = rollouts.completion_ids, rollouts.temperature
+    head = prompt_out.logits[:, -1:, :].repeat_interleave(rows, dim=0)  # [N, 1, V]: one position per row
+    head_logp, head_ent = selective_logprobs(head, targets[:, :1], temperature, with_entropy)
+    tail_logp, tail_ent = selective_logprobs(out.logits[:, :-1, :], targets[:, 1:], temperature, with_entropy)
+    logprobs = torch.cat([head_logp, tail_logp], dim=1)
+    entropy = torch.cat([head_ent, tail_ent], dim=1) if with_entropy else None
+    values = None
+    if value_head is not None:
+        hidden = torch.cat([prompt_out.hidden_states[-1][:, -1:, :].repeat_interleave(rows, dim=0),
+                            out.hidden_states[-1][:, :-1, :]], dim=1)
         values = value_head(hidden.float())
     return ForwardOut(logprobs=logprobs, entropy=entropy, values=values)

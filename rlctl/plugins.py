@@ -49,6 +49,7 @@ DEFAULT_PLUGINS = (
     "rlctl_plugins.selection",
     "rlctl_plugins.prefix",
     "rlctl_plugins.curriculum",
+    "rlctl_plugins.vllm_sampler",
 )
 
 

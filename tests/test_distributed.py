@@ -115,7 +115,10 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     install_probe(tmp_path / "site")
     recipe = write_recipe(tmp_path, RECIPE.format(model=tiny_model_dir))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1",
+           # the same forward in both runs: a DDP-wrapped model never shares prompts across a group,
+           # and Adam turns the last-bit differences of the two scorings into visible weight differences
+           "RLCTL_SHARED_PROMPTS": "0"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch
     assert os.path.exists(torchrun)
     launch([sys.executable, "-m", "rlctl", "run", str(recipe), "-o", str(tmp_path / "one"), "-q"], env,

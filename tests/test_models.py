@@ -162,3 +162,75 @@ def test_rollouts_select_and_concat():
     assert joined.prompt_ids[0].tolist() == [-1, 0, 1]  # prompts pad on the left
     assert joined.completion_mask[0].tolist() == [1, 1, 1, 0, 0]
     assert joined.rewards.tolist() == [0, 1, 2, 3, 0, 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prompt_scoring_equals_full_scoring(tmp_path, monkeypatch, arch):
+    """Prompts run once per group (keys/values repeated): log-probs, entropy, values and gradients unchanged."""
+    import rlctl.models as models
+    from rlctl.models import Policy, ValueHead, load_policy
+    from rlctl.recipe import ModelConfig
+
+    path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2, num_heads=2)
+    policy = Policy(*load_policy(ModelConfig(name=str(path))))
+    torch.manual_seed(0)
+    # ragged prompts (left padding), groups of 3, completions that stop at different lengths
+    prompts = [Prompt("12+7=", answer="19"), Prompt("3+4=", answer="7"), Prompt("140+9=", answer="149")]
+    r = generate(policy, prompts, 3, max_new_tokens=6, temperature=0.8)
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.proj.weight)
+    weights = torch.randn(r.completion_ids.shape)
+    assert models._prompt_groups(policy.model, r)[1].tolist() == [3, 3, 3]
+
+    def scored(shared: bool):
+        monkeypatch.setenv("RLCTL_SHARED_PROMPTS", "1" if shared else "0")
+        policy.model.zero_grad()
+        head.zero_grad()
+        out = score_completions(policy.model, r, value_head=head, with_entropy=True)
+        (((out.logprobs + out.entropy + out.values) * weights) * r.completion_mask).sum().backward()
+        grads = [p.grad.clone() for p in [*policy.model.parameters(), *head.parameters()]]
+        return out, grads
+
+    (shared, shared_grads), (full, full_grads) = scored(True), scored(False)
+    torch.testing.assert_close(shared.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy, full.entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.values, full.values, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_are_shared_only_when_it_saves_enough(tiny_policy):
+    import rlctl.models as models
+
+    r = generate(tiny_policy, [Prompt("1+1="), Prompt("2+2=")], 4, max_new_tokens=3)
+    assert models._prompt_groups(tiny_policy.model, r)[0].tolist() == [0, 4]
+    one_each = r.select([0, 4])  # groups of one completion: nothing to share
+    assert models._prompt_groups(tiny_policy.model, one_each) is None
+    wrapped = torch.nn.Sequential(tiny_policy.model)  # e.g. a DDP wrapper: one forward per backward
+    assert models._prompt_groups(wrapped, r) is None
+
+
+def test_no_fp32_full_vocabulary_tensor_is_kept_for_the_backward_pass(tmp_path):
+    """A bf16 model's logits stay bf16: the log-probs keep one log-normaliser per position, not fp32 logits."""
+    from rlctl.models import load_policy
+    from rlctl.recipe import ModelConfig
+
+    path = build_tiny_model(tmp_path / "bf16", hidden_size=32, num_layers=1, num_heads=2)
+    model, tok = load_policy(ModelConfig(name=str(path), dtype="bfloat16"))
+    from rlctl.models import Policy
+
+    r = generate(Policy(model, tok), [Prompt("1+1="), Prompt("20+2=")], 2, max_new_tokens=4)
+    vocab = model.config.vocab_size
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = score_completions(model, r)
+    full_vocab = [(dtype, shape) for dtype, shape in saved if shape and shape[-1] == vocab]
+    assert full_vocab, "the logits should be among the saved tensors"
+    assert all(dtype != torch.float32 for dtype, _ in full_vocab), full_vocab
+    out.logprobs.sum().backward()
+    assert model.lm_head.weight.grad is not None or model.model.embed_tokens.weight.grad is not None

@@ -1,0 +1,184 @@
+"""The ``vllm`` sampler's own code, without vLLM.
+
+vLLM needs a CUDA GPU and its own pinned torch, so it is not installed here. These tests check what rlctl
+does around the engine: turning vLLM-shaped outputs into ``Rollouts`` (padding, EOS, truncation, behaviour
+log-probs), when and what it pushes into the engine (only after an optimizer step, every parameter), the
+errors without vLLM, and a training run through the trainer with a stand-in engine that samples from its
+own copy of the model. A stand-in checks the calls rlctl makes against vLLM's documented API; it does not
+check vLLM itself (docs/vllm.md says what was and was not tested).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from rlctl.generation import encode_prompts, generate
+from rlctl.models import Policy, score_completions
+from rlctl.rollouts import Prompt
+from rlctl.testing import run_recipe, tiny_model, tiny_policy
+from rlctl_plugins.vllm_sampler import VLLMSampler, rollouts_from_outputs, weights_version
+
+
+# ------------------------------------------------------------------- vLLM-shaped output objects
+@dataclass
+class Logprob:
+    logprob: float
+
+
+@dataclass
+class CompletionOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]]
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+def completion(ids: list[int], logps: list[float], finish: str) -> CompletionOutput:
+    # vLLM's logprobs: one dict per generated token, holding (at least) the sampled token
+    return CompletionOutput(ids, [{t: Logprob(lp), t + 1: Logprob(-9.0)} for t, lp in zip(ids, logps)], finish)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return tiny_policy(tmp_path_factory.mktemp("vllm") / "m", hidden_size=32, num_layers=2, num_heads=2)
+
+
+def test_outputs_become_padded_rollouts_with_behaviour_logprobs(policy):
+    tok = policy.tokenizer
+    eos, a, b = tok.eos_token_id, tok.convert_tokens_to_ids("4"), tok.convert_tokens_to_ids("2")
+    prompts = [Prompt("1+3=", answer="4"), Prompt("40+2=", answer="42")]
+    enc = encode_prompts(tok, [p.text for p in prompts])
+    outputs = [
+        RequestOutput([], [completion([a, eos], [-0.5, -0.25], "stop"), completion([a, a, a], [-1, -2, -3], "length")]),
+        RequestOutput([], [completion([a, b, eos], [-0.1, -0.2, -0.3], "stop"), completion([eos], [-4.0], "stop")]),
+    ]
+    r = rollouts_from_outputs(outputs, prompts, 2, enc, tok, [eos], 0.7, torch.device("cpu"))
+    pad = tok.pad_token_id
+    assert r.completion_ids.tolist() == [[a, eos, pad], [a, a, a], [a, b, eos], [eos, pad, pad]]
+    assert r.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]]
+    torch.testing.assert_close(r.behavior_logprobs, torch.tensor(
+        [[-0.5, -0.25, 0.0], [-1, -2, -3], [-0.1, -0.2, -0.3], [-4.0, 0, 0]]))
+    assert [i["truncated"] for i in r.info] == [False, True, False, False]
+    assert r.completions == ["4", "444", "42", ""]
+    assert r.group_ids.tolist() == [0, 0, 1, 1] and r.temperature == 0.7
+    assert torch.equal(r.prompt_ids[0], enc["input_ids"][0]) and torch.equal(r.prompt_ids[3], enc["input_ids"][1])
+
+
+def test_a_group_of_the_wrong_size_is_an_error(policy):
+    tok = policy.tokenizer
+    enc = encode_prompts(tok, ["1+1="])
+    with pytest.raises(RuntimeError, match="1 completions for a group of 2"):
+        rollouts_from_outputs([RequestOutput([], [completion([5], [-1.0], "stop")])], [Prompt("1+1=")], 2, enc,
+                              tok, [tok.eos_token_id], 1.0, torch.device("cpu"))
+
+
+def test_weights_version_changes_with_an_optimizer_step_only():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = weights_version(model)
+    model(torch.ones(1, 3)).sum().backward()
+    assert weights_version(model) == before  # a backward pass changes gradients, not weights
+    opt.step()
+    assert weights_version(model) > before
+
+
+def test_without_vllm_the_error_says_how_to_install(policy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, whatever is installed
+    with pytest.raises(RuntimeError, match=r'pip install "rlctl\[vllm\]"'):
+        VLLMSampler(max_new_tokens=4).sample(policy, [Prompt("1+1=")], 2)
+
+
+def test_bad_options_name_the_value():
+    with pytest.raises(ValueError, match="gpu_memory_utilization = 1.5"):
+        VLLMSampler(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="max_model_len = -1"):
+        VLLMSampler(max_model_len=-1)
+
+
+# -------------------------------------------------------------------- a stand-in engine
+class StandInModel:
+    """What ``llm_engine.model_executor.driver_worker.model_runner.model`` offers: ``load_weights``."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.loads = 0
+
+    def load_weights(self, weights):
+        params = dict(self.policy.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+        self.loads += 1
+
+
+class StandInLLM:
+    """``vllm.LLM`` as rlctl uses it: ``generate``, ``reset_prefix_cache`` and the model runner's model."""
+
+    def __init__(self, source: str):
+        self.policy = tiny_policy(source)  # the directory exists: loaded, not rebuilt
+        self.runner_model = StandInModel(self.policy)
+        executor = types.SimpleNamespace(driver_worker=types.SimpleNamespace(
+            model_runner=types.SimpleNamespace(model=self.runner_model)))
+        self.llm_engine = types.SimpleNamespace(model_executor=executor)
+        self.prefix_resets = 0
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+
+    def generate(self, requests, sampling_params, use_tqdm=True):
+        tok, sp = self.policy.tokenizer, sampling_params
+        outputs = []
+        for req in requests:
+            text = tok.decode(req["prompt_token_ids"])
+            r = generate(self.policy, [Prompt(text)], sp.n, max_new_tokens=sp.max_tokens,
+                         temperature=sp.temperature, min_new_tokens=sp.min_tokens)
+            with torch.no_grad():
+                logps = score_completions(self.policy.model, r).logprobs
+            outs = []
+            for i in range(sp.n):
+                n = int(r.completion_mask[i].sum())
+                ids = r.completion_ids[i, :n].tolist()
+                outs.append(completion(ids, logps[i, :n].tolist(), "length" if r.info[i]["truncated"] else "stop"))
+            outputs.append(RequestOutput(req["prompt_token_ids"], outs))
+        return outputs
+
+
+class StandInSamplingParams:
+    def __init__(self, **kwargs):
+        assert kwargs["logprobs"] == 0  # the sampled token's log-prob is requested
+        self.__dict__.update(kwargs)
+
+
+def test_training_with_a_stand_in_engine_syncs_weights_before_each_batch(tmp_path, monkeypatch):
+    engines: list[StandInLLM] = []
+
+    def start_engine(self, policy):
+        engines.append(StandInLLM(policy.model.name_or_path))
+        return engines[-1]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=StandInSamplingParams))
+    monkeypatch.setattr(VLLMSampler, "_start_engine", start_engine)
+    model = tiny_model(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=2)
+    rows = run_recipe("recipes/grpo.toml", steps=3, model=model, output_dir=tmp_path / "run", overrides=[
+        'sampler.use="vllm"', "sampler.max_new_tokens=4", "train.prompts_per_step=2", "train.group_size=4",
+        "train.lr=0.01", "loss.tis_cap=2.0"])
+    (engine,) = engines
+    # weights pushed before steps 1 and 2 (step 0 samples with the checkpoint the engine loaded itself)
+    assert engine.runner_model.loads == 2 and engine.prefix_resets == 2
+    # the stand-in samples with what was pushed: its log-probs are the trainer's old log-probs
+    for r in rows:
+        if "tis_weight_mean" in r:
+            assert r["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert sum("tis_weight_mean" in r for r in rows) >= 1
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
