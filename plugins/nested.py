@@ -261,13 +261,17 @@ class NestedSampler(HFGenerateSampler):
         self._check_generation_config(model)
         started = _now(model)
         with skipped_blocks(model, skip):
+            # With blocks skipped, mu is recorded by the decoding step that draws each token (no second
+            # pass). With none skipped, mu is scored by the very forward the trainer uses, so that the
+            # importance ratio is exactly 1 rather than 1 up to the float noise of cached decoding.
             rollouts = generate(policy, prompts, group_size, max_new_tokens=self.max_new_tokens, do_sample=True,
                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                 min_new_tokens=self.min_new_tokens, chat_template=self.chat_template,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, record_logprobs=bool(skip))
             generated = _now(model)
-            rollouts.behavior_logprobs = self.behavior_logprobs(
-                model, rollouts, eos_token_ids(model, policy.tokenizer), rows=self.batch_size * group_size)
+            if rollouts.behavior_logprobs is None:
+                rollouts.behavior_logprobs = self.behavior_logprobs(
+                    model, rollouts, eos_token_ids(model, policy.tokenizer), rows=self.batch_size * group_size)
         self.last_timing = {"generate_s": generated - started, "score_s": _now(model) - generated}
         self.last_skipped = skip
         for item in rollouts.info:

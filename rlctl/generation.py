@@ -56,8 +56,14 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max_new_tokens: int,
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             min_new_tokens: int = 0, chat_template: bool = False, batch_size: int = 0) -> Rollouts:
-    """``group_size`` completions per prompt (group ``i`` = prompt ``i``), right-padded and masked."""
+             min_new_tokens: int = 0, chat_template: bool = False, batch_size: int = 0,
+             record_logprobs: bool = False) -> Rollouts:
+    """``group_size`` completions per prompt (group ``i`` = prompt ``i``), right-padded and masked.
+
+    ``record_logprobs``: also return, as ``behavior_logprobs``, the log-probability of each sampled token
+    under the distribution it was drawn from (temperature, EOS ban, top-k, top-p applied), taken from the
+    decoding step itself. Only rlctl's own decoding loop records them; with ``model.generate`` they are None.
+    """
     tok, model = policy.tokenizer, policy.model
     enc = encode_prompts(tok, [p.text for p in prompts], chat_template)
     device = policy.device
@@ -69,16 +75,18 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     fast = use_fast_decoding(model)
     was_training = model.training
     model.eval()
-    pieces = []
+    pieces, logp_pieces = [], []
     try:
         for start in range(0, len(prompts), per_call):
             rows = slice(start * group_size, (start + per_call) * group_size)
             if fast:
-                pieces.append(_decode(model, unique_ids[start:start + per_call],
-                                      unique_mask[start:start + per_call], group_size,
-                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      eos=eos, pad_token_id=tok.pad_token_id))
+                ids_part, logp_part = _decode(
+                    model, unique_ids[start:start + per_call], unique_mask[start:start + per_call], group_size,
+                    max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad_token_id=tok.pad_token_id,
+                    record_logprobs=record_logprobs)
+                pieces.append(ids_part)
+                logp_pieces.append(logp_part)
                 continue
             sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
             out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
@@ -97,6 +105,10 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     keep = max(1, int(mask.sum(dim=1).max().item()))  # drop columns that are padding in every row
     ids, mask = ids[:, :keep], mask[:, :keep]
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
+    behavior = None
+    if record_logprobs and fast:
+        behavior = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in logp_pieces])
+        behavior = behavior[:, :keep].masked_fill(mask == 0, 0.0)
     return Rollouts(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -108,6 +120,7 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
         info=[{"answer": p.answer, **p.info, "truncated": truncated[i * group_size + j]}
               for i, p in enumerate(prompts) for j in range(group_size)],
         temperature=temperature if do_sample else 1.0,
+        behavior_logprobs=behavior,
     )
 
 
@@ -196,12 +209,15 @@ def _expand_cache(cache: Any, repeats: int, capacity: int) -> None:
 
 
 def _next_tokens(logits: torch.Tensor, step: int, *, do_sample: bool, temperature: float, top_k: int,
-                 top_p: float, min_new_tokens: int, eos: torch.Tensor) -> torch.Tensor:
-    """One token per row from fp32 logits [B, V], with ``generate``'s processors in its order."""
+                 top_p: float, min_new_tokens: int, eos: torch.Tensor,
+                 record_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token per row from fp32 logits [B, V], with ``generate``'s processors in its order, and (if
+    asked) its log-probability under the processed distribution it was drawn from."""
     if step < min_new_tokens:
         logits = logits.index_fill(1, eos, float("-inf"))
     if not do_sample:
-        return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, (torch.zeros(tokens.shape, device=logits.device) if record_logprobs else None)
     if temperature != 1.0:
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -213,18 +229,24 @@ def _next_tokens(logits: torch.Tensor, step: int, *, do_sample: bool, temperatur
         remove[:, -1] = False  # keep at least one token
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
+    tokens = torch.multinomial(probs, num_samples=1)
+    if not record_logprobs:
+        return tokens.squeeze(1), None
+    return tokens.squeeze(1), torch.log_softmax(logits, dim=-1).gather(1, tokens).squeeze(1)
 
 
 def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, *,
             max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-            top_p: float, eos: list[int], pad_token_id: int) -> torch.Tensor:
-    """Completion ids [P * G, steps] (pad after each row's first EOS) for P left-padded prompts."""
+            top_p: float, eos: list[int], pad_token_id: int,
+            record_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion ids [P * G, steps] (pad after each row's first EOS) for P left-padded prompts, and the
+    sampled tokens' log-probs [P * G, steps] (zeros unless ``record_logprobs``)."""
     device = prompt_ids.device
     n_rows, p_len = prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
     out = torch.full((n_rows, max(0, max_new_tokens)), pad_token_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((n_rows, max(0, max_new_tokens)), dtype=torch.float32, device=device)
     if max_new_tokens <= 0:
-        return out
+        return out, out_logp
     padded = not bool(prompt_mask.all())
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = _new_cache(model)
@@ -246,12 +268,14 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 8  # how often to look for "all rows finished" (a sync)
     sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "min_new_tokens": min_new_tokens, "eos": eos_t}
+                "min_new_tokens": min_new_tokens, "eos": eos_t, "record_logprobs": record_logprobs}
     steps = max_new_tokens
     for step in range(max_new_tokens):
-        tokens = _next_tokens(logits, step, **sampling)
+        tokens, logp = _next_tokens(logits, step, **sampling)
         tokens = torch.where(unfinished, tokens, pad_token_id)
         out[:, step] = tokens
+        if logp is not None:
+            out_logp[:, step] = logp
         unfinished &= ~torch.isin(tokens, eos_t)
         if step + 1 == max_new_tokens:
             break
@@ -261,4 +285,4 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
         mask = None if full_mask is None else full_mask[..., :p_len + step + 1]
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos + step,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
-    return out[:, :steps]
+    return out[:, :steps], out_logp[:, :steps]

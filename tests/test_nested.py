@@ -226,6 +226,20 @@ def test_sampler_equals_sampling_from_a_physically_smaller_model(policy4):
     assert_close(got.behavior_logprobs * m, want_logprobs * m, atol=1e-5, rtol=1e-5)
 
 
+def test_mu_recorded_while_decoding_equals_mu_scored_afterwards(policy4):
+    """With blocks skipped the sampler takes log mu(y_t) from the decoding step that drew y_t (no second
+    pass); it equals the scoring pass over the finished completions, processors included."""
+    for options in ({"temperature": 0.8}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_new_tokens": 3}):
+        sampler = NestedSampler(skip_layers=[1, 2], max_new_tokens=6, **options)
+        torch.manual_seed(5)
+        got = sampler.sample(policy4, PROMPTS, group_size=3)
+        with skipped_blocks(policy4.model, [1, 2]):
+            scored = sampler.behavior_logprobs(policy4.model, got, eos_token_ids(policy4.model, policy4.tokenizer))
+        m = got.completion_mask
+        assert m.sum() > 0 and sampler.last_timing["score_s"] < sampler.last_timing["generate_s"]
+        assert_close(got.behavior_logprobs * m, scored * m, atol=1e-5, rtol=1e-5)
+
+
 def test_warns_when_model_generate_would_apply_processors_mu_ignores(policy4, monkeypatch, recwarn):
     monkeypatch.setattr(policy4.model.generation_config, "repetition_penalty", 1.1)
     monkeypatch.delenv("RLCTL_GENERATE", raising=False)
