@@ -137,7 +137,7 @@ def use_fast_decoding(model: Any) -> bool:
     except ImportError:  # a transformers without per-layer caches
         return False
     try:
-        cache = _new_cache(model)
+        cache = new_cache(model)
     except Exception:
         return False
     layers = getattr(cache, "layers", None)
@@ -147,7 +147,8 @@ def use_fast_decoding(model: Any) -> bool:
     return all(hasattr(layer, "batch_repeat_interleave") for layer in layers)
 
 
-def _new_cache(model: Any) -> Any:
+def new_cache(model: Any) -> Any:
+    """An empty ``DynamicCache`` for ``model`` (decoding here, shared prompts in ``rlctl.models``)."""
     from transformers.cache_utils import DynamicCache
 
     try:
@@ -249,7 +250,7 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
         return out, out_logp
     padded = not bool(prompt_mask.all())
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = _new_cache(model)
+    cache = new_cache(model)
     logits = model(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     _expand_cache(cache, group_size, p_len + max_new_tokens)

@@ -327,12 +327,9 @@ def _score_shared_prompts(model: nn.Module, rollouts: Any, first: torch.Tensor, 
     Gradients flow through the repeated keys/values back into the one prompt pass (summed over its rows),
     so the update equals the one from scoring every row in full.
     """
-    from transformers.cache_utils import DynamicCache
+    from rlctl.generation import new_cache
 
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        cache = DynamicCache()
+    cache = new_cache(model)
     attention = rollouts.attention_mask
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     p_len = rollouts.prompt_ids.shape[1]
