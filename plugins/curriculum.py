@@ -177,6 +177,14 @@ class MixedLoss(ClippedPolicyLoss):
         self.mix_weight = weight
         self.sft_aggregation = sft_aggregation
 
+    def totals(self, rollouts: Rollouts) -> dict[str, float]:
+        """Counts of both terms: sampled rows (the policy gradient) and demonstration rows (the NLL)."""
+        mask = (rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask).float()
+        demo = demonstration_rows(rollouts).cpu()
+        mask = mask.cpu()
+        return {"tokens": float(mask[~demo].sum().item()), "sequences": float((~demo).sum().item()),
+                "demo/tokens": float(mask[demo].sum().item()), "demo/sequences": float(demo.sum().item())}
+
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None = None,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         w = float(self.mix_weight)
@@ -185,13 +193,13 @@ class MixedLoss(ClippedPolicyLoss):
         zero = logprobs.new_zeros(())
         nll, pg, stats = zero, zero, {}
         if demo.any():
-            nll = aggregate(-logprobs[demo], mask[demo], self.sft_aggregation)
+            nll = aggregate(-logprobs[demo], mask[demo], self.sft_aggregation, totals=rollouts.totals, key="demo/")
         if (~demo).any():
             idx = (~demo).nonzero().flatten()
             sub = rollouts.select(idx.cpu())
             sub_entropy = entropy[idx] if entropy is not None else None
             per_token, stats = self.policy_terms(sub, logprobs[idx], sub_entropy, mask[idx])
-            pg = aggregate(per_token, mask[idx], self.aggregation, self.normalizer)
+            pg = aggregate(per_token, mask[idx], self.aggregation, self.normalizer, rollouts.totals)
         stats.update({"mix_weight": w, "sft_nll": float(nll.item()), "pg_loss": float(pg.item()),
                       "demo_frac": float(demo.float().mean().item()) if len(demo) else 0.0})
         return w * nll + (1.0 - w) * pg, stats

@@ -113,7 +113,7 @@ class ClippedPolicyLoss:
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
         per_token, stats = self.policy_terms(rollouts, logprobs, entropy, mask)
-        loss = aggregate(per_token, mask, self.aggregation, self.normalizer)
+        loss = aggregate(per_token, mask, self.aggregation, self.normalizer, rollouts.totals)
         return loss, stats
 
 

@@ -168,7 +168,7 @@ class PPOLoss(ClippedPolicyLoss):
                              "use it with the 'gae' advantage")
         mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
         per_token, stats = self.policy_terms(rollouts, logprobs, entropy, mask)
-        policy_loss = aggregate(per_token, mask, self.aggregation, self.normalizer)
+        policy_loss = aggregate(per_token, mask, self.aggregation, self.normalizer, rollouts.totals)
         returns, old = rollouts.returns.to(values.dtype), rollouts.values.to(values.dtype)
         v_loss = (values - returns) ** 2
         if self.value_clip:
@@ -176,7 +176,7 @@ class PPOLoss(ClippedPolicyLoss):
             v_loss_clipped = (v_clipped - returns) ** 2
             stats["value_clip_frac"] = masked_mean((v_loss_clipped > v_loss).float(), mask).item()
             v_loss = torch.maximum(v_loss, v_loss_clipped)
-        value_loss = aggregate(0.5 * v_loss, mask, self.aggregation, self.normalizer)
+        value_loss = aggregate(0.5 * v_loss, mask, self.aggregation, self.normalizer, rollouts.totals)
         stats["policy_loss"] = policy_loss.item()
         stats["value_loss"] = value_loss.item()
         return policy_loss + self.vf_coef * value_loss, stats

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from rlctl.generation import encode_prompts
 from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy
+from rlctl.ops import batch_mean
 from rlctl.rollouts import Prompt, Rollouts, right_pad
 
 ROLE_KEY = "pair_role"  # info key the pairs sampler sets on every row
@@ -187,7 +188,15 @@ def _check_beta(beta: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------- losses
-class DPOLoss:
+class PairLoss:
+    """Preference losses average over pairs: ``totals`` counts them, so that the loss of a micro-batch is
+    its share of the mean over every pair of the mini-batch (``rlctl.ops.batch_mean``)."""
+
+    def totals(self, rollouts: Rollouts) -> dict[str, float]:
+        return {"pairs": float(len(pair_index(rollouts)[0])) if len(rollouts) else 0.0}
+
+
+class DPOLoss(PairLoss):
     """Direct Preference Optimization ("Direct Preference Optimization: Your Language Model is
     Secretly a Reward Model"): -log σ(β h), h the chosen-minus-rejected log-ratio to the reference.
 
@@ -203,11 +212,11 @@ class DPOLoss:
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         lp = pair_logps(rollouts, logprobs, with_ref=True)
-        loss = -F.logsigmoid(self.beta * lp.log_ratio_margin).mean()
+        loss = batch_mean(-F.logsigmoid(self.beta * lp.log_ratio_margin), rollouts.totals, "pairs")
         return loss, lp.reference_stats(self.beta)
 
 
-class IPOLoss:
+class IPOLoss(PairLoss):
     """Identity Preference Optimisation ("A General Theoretical Paradigm to Understand Learning from
     Human Preferences"): (h - 1/(2β))², regressing the log-ratio margin to a finite target.
 
@@ -223,11 +232,11 @@ class IPOLoss:
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         lp = pair_logps(rollouts, logprobs, with_ref=True)
-        loss = ((lp.log_ratio_margin - 1.0 / (2.0 * self.beta)) ** 2).mean()
+        loss = batch_mean(((lp.log_ratio_margin - 1.0 / (2.0 * self.beta)) ** 2), rollouts.totals, "pairs")
         return loss, lp.reference_stats(self.beta)
 
 
-class SimPOLoss:
+class SimPOLoss(PairLoss):
     """SimPO ("SimPO: Simple Preference Optimization with a Reference-Free Reward"):
     -log σ(β (log π(y_w)/|y_w| - log π(y_l)/|y_l|) - γ), length-normalised and reference-free.
 
@@ -246,11 +255,11 @@ class SimPOLoss:
         lp = pair_logps(rollouts, logprobs, with_ref=False)
         reward_w = self.beta * lp.policy_w / lp.len_w
         reward_l = self.beta * lp.policy_l / lp.len_l
-        loss = -F.logsigmoid(reward_w - reward_l - self.gamma).mean()
+        loss = batch_mean(-F.logsigmoid(reward_w - reward_l - self.gamma), rollouts.totals, "pairs")
         return loss, pair_stats(reward_w, reward_l)
 
 
-class RobustDPOLoss:
+class RobustDPOLoss(PairLoss):
     """Robust DPO ("Provably Robust DPO: Aligning Language Models with Noisy Feedback"), for labels
     flipped with probability ``eps``: [(1-ε) ℓ(w,l) - ε ℓ(l,w)] / (1 - 2ε) with ℓ(w,l) = -log σ(β h)
     and ℓ(l,w) = -log σ(-β h), an unbiased estimate of the clean-label DPO loss. ε = 0 is DPO.
@@ -270,11 +279,11 @@ class RobustDPOLoss:
         lp = pair_logps(rollouts, logprobs, with_ref=True)
         logits = self.beta * lp.log_ratio_margin
         forward, flipped = -F.logsigmoid(logits), -F.logsigmoid(-logits)
-        loss = (((1 - self.eps) * forward - self.eps * flipped) / (1 - 2 * self.eps)).mean()
+        loss = batch_mean((((1 - self.eps) * forward - self.eps * flipped) / (1 - 2 * self.eps)), rollouts.totals, "pairs")
         return loss, lp.reference_stats(self.beta)
 
 
-class MarginDPOLoss:
+class MarginDPOLoss(PairLoss):
     """DPO with a per-pair offset (as in "Direct Preference Optimization with an Offset"):
     -log σ(β h - m), with m = ``margin_scale`` · ``info[margin_key]`` of the pair's chosen row, so
     pairs with a larger preference gap must be separated by a larger implicit-reward margin.
@@ -304,7 +313,7 @@ class MarginDPOLoss:
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         lp = pair_logps(rollouts, logprobs, with_ref=True)
         margin = self.margins(rollouts, lp.chosen_rows, logprobs.device, logprobs.dtype)
-        loss = -F.logsigmoid(self.beta * lp.log_ratio_margin - margin).mean()
+        loss = batch_mean(-F.logsigmoid(self.beta * lp.log_ratio_margin - margin), rollouts.totals, "pairs")
         stats = lp.reference_stats(self.beta)
         stats["target_margin"] = margin.mean().item()
         return loss, stats

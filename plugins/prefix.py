@@ -194,13 +194,19 @@ class PrefixPolicyLoss(ClippedPolicyLoss):
         self.sft_coef = sft_coef
         self.sft_aggregation = sft_aggregation
 
+    def totals(self, rollouts: Rollouts) -> dict[str, float]:
+        """Counts of both terms: continuation tokens (the policy gradient) and prefix tokens (the NLL)."""
+        prefix, continuation = prefix_masks(rollouts)
+        return {"tokens": float(continuation.sum().item()), "sequences": float(len(rollouts)),
+                "prefix/tokens": float(prefix.sum().item()), "prefix/sequences": float(len(rollouts))}
+
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None = None,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         prefix, continuation = prefix_masks(rollouts)
         per_token, stats = self.policy_terms(rollouts, logprobs, entropy, continuation)
-        pg = aggregate(per_token, continuation, self.aggregation, self.normalizer)
+        pg = aggregate(per_token, continuation, self.aggregation, self.normalizer, rollouts.totals)
         if prefix.sum() > 0:
-            nll = aggregate(-logprobs, prefix, self.sft_aggregation)
+            nll = aggregate(-logprobs, prefix, self.sft_aggregation, totals=rollouts.totals, key="prefix/")
         else:
             nll = logprobs.new_zeros(())
         stats.update({

@@ -30,7 +30,7 @@ class SFTLoss:
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
-        nll = aggregate(-logprobs, mask, self.aggregation)
+        nll = aggregate(-logprobs, mask, self.aggregation, totals=rollouts.totals)
         return nll, {"nll": nll.item()}
 
 

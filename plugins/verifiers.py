@@ -217,6 +217,44 @@ class NoisyVerifierReward:
 
 
 # --------------------------------------------------------------------------------------- callable
+def check_function(spec: str) -> None:
+    """Check ``"package.module:function"`` without running any of its code: the module must be findable
+    (``importlib.util.find_spec``, parent packages looked up, not imported); the attribute is checked when
+    the module is imported (``import_function``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"function = {spec!r}: accepted values look like 'package.module:function'")
+    if not module_exists(module_name):
+        raise ValueError(f"function = {spec!r}: cannot find module {module_name!r}; is it installed or on "
+                         "PYTHONPATH?")
+
+
+def module_exists(name: str) -> bool:
+    """True if module ``name`` can be imported, found without importing it or its parent packages."""
+    import importlib.machinery
+    import sys
+
+    if name in sys.modules:
+        return True
+    parts = name.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])  # a top-level name is looked up, not imported
+        for i in range(1, len(parts)):
+            if spec is None:
+                return False
+            full, parent = ".".join(parts[: i + 1]), sys.modules.get(".".join(parts[:i]))
+            if full in sys.modules:
+                spec = sys.modules[full].__spec__ or spec
+                continue
+            locations = getattr(parent, "__path__", None) if parent else spec.submodule_search_locations
+            if not locations:
+                return False
+            spec = importlib.machinery.PathFinder.find_spec(full, list(locations))
+    except (ImportError, ValueError, AttributeError):
+        return False
+    return spec is not None
+
+
 def import_function(spec: str) -> Callable[..., Any]:
     """Import ``"package.module:function"`` (dotted attributes allowed after the colon)."""
     module_name, sep, attr = spec.partition(":")
@@ -242,16 +280,25 @@ class CallableReward:
     ``function = "module:function"`` is imported with ``importlib`` (never evaluated); ``completions``
     is the list of decoded completions, ``infos`` the matching ``rollouts.info`` dicts (reference
     ``answer`` and the data row's other fields). The function must return one number per completion.
+    While a recipe is only validated (``rlctl validate``) the module is found but not imported.
     """
 
     def __init__(self, function: str, options: dict | None = None):
+        from rlctl.recipe import user_code_allowed
+
         if not function:
             raise ValueError("function = '': accepted values look like 'package.module:function'")
         self.function = function
-        self.fn = import_function(function)
+        if user_code_allowed():
+            self.fn: Callable[..., Any] | None = import_function(function)
+        else:
+            check_function(function)
+            self.fn = None  # imported at the first score
         self.options = dict(options or {})
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
+        if self.fn is None:
+            self.fn = import_function(self.function)
         values = self.fn(list(rollouts.completions), list(rollouts.info), **self.options)
         values = list(values)
         if len(values) != len(rollouts.completions):
@@ -307,12 +354,17 @@ class RewardModelReward:
     def _check_label(path: str, label: int, trust_remote_code: bool) -> None:
         from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"path = {path!r}: not a model directory ({type(exc).__name__}: {exc})") from exc
-        if label >= config.num_labels:
-            raise ValueError(f"label = {label}: accepted values are 0..{config.num_labels - 1} "
+        from rlctl.recipe import user_code_allowed
+
+        if trust_remote_code and not user_code_allowed():
+            num_labels = _num_labels(path)  # validation only: the model's own code is trusted at run time
+        else:
+            try:
+                num_labels = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).num_labels
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"path = {path!r}: not a model directory ({type(exc).__name__}: {exc})") from exc
+        if label >= num_labels:
+            raise ValueError(f"label = {label}: accepted values are 0..{num_labels - 1} "
                              f"for the model at {path!r}")
 
     def load(self) -> None:
@@ -369,6 +421,24 @@ class RewardModelReward:
                                 attention_mask=enc["attention_mask"].to(device)).logits
             scores.append(logits[:, self.label].float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
+
+
+def _num_labels(path: str) -> int:
+    """The number of labels in a model directory's ``config.json``, read as data (no model code runs)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path = {path!r}: not a model directory (config.json: {exc})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"path = {path!r}: not a model directory (config.json is not a JSON object)")
+    labels = config.get("id2label")
+    if isinstance(labels, dict) and labels:
+        return len(labels)
+    count = config.get("num_labels", 2)  # transformers' default
+    return count if isinstance(count, int) and count > 0 else 2
 
 
 @hookimpl

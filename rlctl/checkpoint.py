@@ -116,11 +116,20 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, *, model: Any, tokenizer: Any
         "processes": len(snap.process_states),
     }
     (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
+    if is_checkpoint(final):  # the same step written again (after a resume): replace it
+        shutil.rmtree(final)
     tmp.rename(final)  # the checkpoint exists only once complete
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    ours = [c for c in list_checkpoints(run_dir) if is_checkpoint(c)]  # only what rlctl recognises is pruned
+    for old in ours[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
     return final
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A complete checkpoint written by rlctl: a real directory ``step-N`` holding its ``state.json``."""
+    name = path.name
+    return (name.startswith(PREFIX) and name[len(PREFIX):].isdigit() and not path.is_symlink()
+            and path.is_dir() and (path / "state.json").is_file() and not (path / "state.json").is_symlink())
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -53,7 +53,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.argument("recipe")
 @set_option
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), help="Run directory (default: [train] output_dir).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in the run directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing run in the run directory (only the files rlctl wrote are removed).")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH|latest]",
               help="Continue from a checkpoint: the newest of the run directory (no value or 'latest'), "
                    "or a checkpoint directory.")
@@ -65,6 +66,7 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwri
     Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130; a second
     Ctrl-C stops at once.
     """
+    from rlctl import rundir
     from rlctl.recipe import load_recipe
     from rlctl.trainer import Trainer
 
@@ -72,6 +74,8 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwri
         raise click.UsageError("--resume and --overwrite exclude each other")
     parsed = load_recipe(_recipe_path(recipe), overrides)
     trainer = Trainer(parsed, output_dir=output_dir, overwrite=overwrite, show_progress=not quiet, resume=resume)
+    rundir.check_claim(trainer.output_dir, overwrite=overwrite, resume=bool(resume),
+                       entries=rundir.run_entries(parsed))  # refused before anything is printed
     err_console.print(f"[bold]rlctl[/] {parsed.name}: {parsed.total_steps} steps in "
                       f"{len(parsed.stages)} stage(s) -> {trainer.output_dir}", highlight=False)
     summary = trainer.run()
@@ -82,10 +86,14 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwri
 @click.argument("recipe")
 @set_option
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Check RECIPE without training and print it fully resolved (includes, overrides, defaults)."""
+    """Check RECIPE without training and print it fully resolved (includes, overrides, defaults).
+
+    Runs no user code: callable references are looked up, not imported, and trust_remote_code is not
+    honoured (both happen at run).
+    """
     from rlctl.recipe import dumps_toml, load_recipe, resolved_dict
 
-    parsed = load_recipe(_recipe_path(recipe), overrides)
+    parsed = load_recipe(_recipe_path(recipe), overrides, user_code=False)
     click.echo(dumps_toml(resolved_dict(parsed)), nl=False)
     err_console.print(f"[green]ok[/]: {parsed.source} ({parsed.total_steps} steps, "
                       f"{len(parsed.stages)} stage(s))", highlight=False)
@@ -244,6 +252,21 @@ def tiny_model(path: str, arch: str, hidden_size: int, num_layers: int, num_head
     out = build_tiny_model(path, arch=arch, hidden_size=hidden_size, num_layers=num_layers,
                            num_heads=num_heads, seed=seed)
     console.print(f"tiny {arch} model written to {out}")
+
+
+@cli.command("import-model")
+@click.argument("source")
+@click.argument("output", required=False, type=click.Path(file_okay=False))
+def import_model(source: str, output: str | None) -> None:
+    """Convert a GGUF file (a path, or PACKAGE:FILE inside an installed Python package) into a
+    from_pretrained directory of safetensors at OUTPUT (default: the rlctl cache); prints the directory."""
+    from rlctl.model_import import import_gguf, require_gguf, resolve_gguf
+
+    require_gguf("import-model")
+    path = resolve_gguf(source, key="import-model SOURCE")
+    console.print(f"converting {path} (dequantised to float32) ...", highlight=False)
+    out = import_gguf(path, output)
+    console.print(f"model written to {out}; use it with [model] name = \"{out}\"", highlight=False)
 
 
 def main() -> None:

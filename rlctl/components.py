@@ -33,6 +33,15 @@ A sampler whose completions depend only on the prompt (no generation: demonstrat
 pairs) sets ``deterministic = True``; the trainer then computes reference log-probs once per
 (prompt, completion) and stage, and reuses them in later epochs.
 
+Losses run on micro-batches. ``rollouts.totals`` holds counts over the whole mini-batch of every
+process: ``tokens`` (of ``loss_mask``, else ``completion_mask``) and ``sequences``, plus whatever the
+loss's optional ``totals(rollouts) -> dict[str, float]`` returns (counts that add up over batches, e.g.
+``pairs``, or the tokens of a second term). Normalise by them (``rlctl.ops.aggregate(...,
+totals=rollouts.totals)``, ``rlctl.ops.batch_mean``) and return the micro-batch's share of the
+mini-batch loss: the trainer adds the shares, so the gradient does not depend on ``micro_batch_size``,
+the number of processes or padding. ``rollouts.totals`` is None when a loss is called outside the
+trainer; the helpers then use the batch's own counts.
+
 Components that keep state across steps (e.g. prompt statistics) implement ``state_dict()`` and
 ``load_state_dict(state)`` so that checkpoints resume them exactly.
 """

@@ -8,12 +8,16 @@ held-out eval prompts; the keys of ``[data]`` other than ``source`` are the sour
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
 from rlctl.errors import DataError
 from rlctl.rollouts import Prompt
+from rlctl.word_problems import word_problems
 
 Split = tuple[list[Prompt], list[Prompt]]
 
@@ -81,7 +85,8 @@ def hf(dataset: str, split: str = "train", eval_split: str = "", config: str = "
     return _split(train, eval_size, seed)
 
 
-SOURCES: dict[str, Callable[..., Split]] = {"arithmetic": arithmetic, "jsonl": jsonl, "hf": hf}
+SOURCES: dict[str, Callable[..., Split]] = {"arithmetic": arithmetic, "word_problems": word_problems,
+                                          "jsonl": jsonl, "hf": hf}
 
 
 def check_data_config(data: dict[str, Any], problems: list[str], section: str = "data") -> None:
@@ -115,22 +120,81 @@ def load_prompts(data: dict[str, Any]) -> Split:
     return train, evals
 
 
+MAX_NESTING = 64  # objects and arrays within each other in one data row
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"?')  # an unterminated string runs to the end: linear time
+_BRACKETS = re.compile(r"[^\[\]{}]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise DataError(f"[data] file not found: {path}")
+    """The rows of a JSON Lines file; every problem names the file and the line (row) number."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"[data] file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"[data] {path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):  # checked before opening: a device or pipe would never end
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise DataError(f"[data] {path}: {kind}; accepted: a JSON Lines file")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"[data] {path}:{number}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); accepted: UTF-8 text") from None
             if not line.strip():
                 continue
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            depth = _nesting(line)
+            if depth > MAX_NESTING:
+                raise DataError(f"[data] {path}:{number}: nested {depth} levels deep; accepted: at most "
+                                f"{MAX_NESTING} levels of objects and arrays")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+                raise DataError(f"[data] {path}:{number}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"[data] {path}:{number}: nested too deeply; accepted: at most {MAX_NESTING} "
+                                "levels of objects and arrays") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line")
+                raise DataError(f"[data] {path}:{number}: expected a JSON object per line")
+            if "\\u" in line and _has_surrogate(row):
+                raise DataError(f"[data] {path}:{number}: invalid Unicode (a lone surrogate escape such as "
+                                "\\ud800); accepted: text that is valid Unicode")
             rows.append({**row, "_row": number})
     return rows
+
+
+def _nesting(line: str) -> int:
+    """How deeply objects and arrays nest in one JSON text, from its brackets outside strings (no parse)."""
+    brackets = _BRACKETS.sub("", _STRINGS.sub("", line)) if ("[" in line or "{" in line) else ""
+    if len(brackets) <= MAX_NESTING:  # too few brackets to exceed the limit: no need to count
+        return len(brackets)
+    depth = deepest = 0
+    for char in brackets:
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _has_surrogate(value: Any) -> bool:
+    """True if a string (key or value) in ``value`` holds a lone UTF-16 surrogate (depth is bounded)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _rows_to_prompts(rows: list[dict[str, Any]], where: str, prompt_key: str, answer_key: str,

@@ -26,17 +26,51 @@ import torch
 from rlctl.rollouts import Prompt, Rollouts
 
 
+_CONTENT = "rlctlpromptcontent7f3a"  # stands in for the prompt while the chat template is rendered
+
+
 def encode_prompts(tokenizer: Any, texts: Sequence[str], chat_template: bool = False) -> dict[str, torch.Tensor]:
-    """Left-padded prompt ids and mask (optionally rendered through the tokenizer's chat template)."""
-    if chat_template:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                          add_generation_prompt=True)
-            for t in texts
-        ]
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=not chat_template)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    """Left-padded prompt ids and mask (optionally rendered through the tokenizer's chat template).
+
+    Prompt text is data: special-token text inside it (``<|im_start|>system``) is encoded as plain text
+    (``split_special_tokens``). With ``chat_template`` only the template's own markers are special tokens:
+    the template is rendered around the prompt and each part is encoded on its own.
+    """
+    if not chat_template:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left",
+                        split_special_tokens=True)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def render(content: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    def ids(text: str, split: bool = False) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]) if text else []
+
+    parts = render(_CONTENT).split(_CONTENT)  # the template's own text, around each place of the prompt
+    rows = []
+    for text in texts:
+        if len(parts) == 1:  # the template ignores the prompt: nothing of the user's to encode
+            rows.append(ids(parts[0]))
+            continue
+        if len(parts) == 2:
+            rendered, (head, tail) = render(text), parts
+            if len(rendered) >= len(head) + len(tail) and rendered.startswith(head) and rendered.endswith(tail):
+                text = rendered[len(head):len(rendered) - len(tail)]  # the prompt as the template renders it
+        row = ids(parts[0])
+        for part in parts[1:]:
+            row += ids(text, split=True) + ids(part)
+        rows.append(row)
+    width = max((len(r) for r in rows), default=0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def completion_mask(ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
@@ -157,6 +191,23 @@ def new_cache(model: Any) -> Any:
         return DynamicCache()
 
 
+def with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that passes ``cache`` to ``model``'s forward: ``cache`` in transformers 5.23 and newer
+    (where ``past_key_values`` is deprecated and warns), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes kwargs on
+    forward = type(base).forward
+    name = _CACHE_KWARG.get(forward)
+    if name is None:
+        import inspect
+
+        name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        _CACHE_KWARG[forward] = name
+    return {name: cache, "use_cache": True}
+
+
+_CACHE_KWARG: dict[Any, str] = {}
+
+
 def _growing_layer_class() -> type:
     """A ``DynamicLayer`` that writes into buffers sized for the whole completion instead of concatenating."""
     global _GrowingLayer
@@ -252,7 +303,7 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = new_cache(model)
     logits = model(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                   logits_to_keep=1, **with_cache(model, cache)).logits[:, -1, :]
     _expand_cache(cache, group_size, p_len + max_new_tokens)
     logits = logits.float().repeat_interleave(group_size, dim=0)
     # the attention mask of every row for the whole completion, passed as growing views; with SDPA
@@ -285,5 +336,5 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
             break
         mask = None if full_mask is None else full_mask[..., :p_len + step + 1]
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos + step,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+                       logits_to_keep=1, **with_cache(model, cache)).logits[:, -1, :].float()
     return out[:, :steps], out_logp[:, :steps]

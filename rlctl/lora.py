@@ -6,6 +6,7 @@ of the weights is ever made.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -32,12 +33,15 @@ def _peft() -> Any:
 def apply_lora(model: Any, options: dict[str, Any], adapter_dir: Path | None = None) -> Any:
     """Wrap ``model`` with fresh LoRA adapters, or with the trained ones saved in ``adapter_dir``."""
     peft = _peft()
-    if adapter_dir is not None:
-        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    opts = lora_options(**options)
-    config = peft.LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
-                             target_modules=opts["target_modules"], task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' renamed `is_gradient_checkpointing`: a warning no user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if adapter_dir is not None:
+            return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        opts = lora_options(**options)
+        config = peft.LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
+                                 target_modules=opts["target_modules"], task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, config)
 
 
 def is_lora(model: Any) -> bool:

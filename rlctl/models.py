@@ -7,12 +7,12 @@ import json
 import os
 import shutil
 import string
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlctl.errors import RecipeError
@@ -94,7 +94,7 @@ def build_tiny_model(path: str | Path | None = None, **spec: Any) -> Path:
     marker = out / TINY_MARKER
     if marker.exists() and json.loads(marker.read_text()) == full:
         return out
-    if out.exists() and any(out.iterdir()) and not marker.exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not marker.exists():
         raise RecipeError(f"[model] name = {str(out)!r}: directory exists and is not a tiny rlctl model; "
                           "refusing to overwrite it")
 
@@ -116,23 +116,69 @@ def build_tiny_model(path: str | Path | None = None, **spec: Any) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(full["seed"])
         model = AutoModelForCausalLM.from_config(config)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / TINY_MARKER).write_text(json.dumps(full, sort_keys=True))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)  # atomic: a half-written model is never picked up
+    from rlctl import rundir
+
+    tmp = rundir.temp_dir(out.parent)  # fresh and unique: no sibling of the user's is touched
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TINY_MARKER).write_text(json.dumps(full, sort_keys=True))
+        _replace_tiny_model(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _replace_tiny_model(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is replaced only if it is a tiny model rlctl built."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise RecipeError(f"[model] name = {str(out)!r}: exists and is not a directory; refusing to replace it")
+    if out.is_dir():
+        if (out / TINY_MARKER).is_file():
+            old = Path(tempfile.mkdtemp(prefix=".rlctl-tmp-", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+            return
+        if any(out.iterdir()):
+            raise RecipeError(f"[model] name = {str(out)!r}: directory exists and is not a tiny rlctl model; "
+                              "refusing to overwrite it")
+        out.rmdir()  # empty
+    tmp.rename(out)  # atomic: a half-written model is never picked up
 
 
 # ---------------------------------------------------------------------------------------- loading
 def resolve_model_path(model_cfg: Any) -> str:
-    """The name or directory to pass to ``from_pretrained`` (building a tiny model if asked)."""
+    """The name or directory to pass to ``from_pretrained`` (building a tiny model or converting a GGUF
+    file if asked). A name that looks like a path must be an existing directory."""
     if model_cfg.tiny is not None:
         return str(build_tiny_model(model_cfg.name or None, **model_cfg.tiny))
-    return model_cfg.name
+    if getattr(model_cfg, "gguf_file", None):
+        from rlctl.model_import import import_gguf, require_gguf, resolve_gguf
+
+        require_gguf()
+        gguf = model_cfg.gguf_file
+        if model_cfg.name and Path(model_cfg.name).expanduser().is_dir():
+            gguf = str(Path(model_cfg.name).expanduser() / gguf)
+        elif model_cfg.name:  # a hub repository: transformers downloads the file (online only)
+            return model_cfg.name
+        return str(import_gguf(resolve_gguf(gguf)))
+    name = model_cfg.name
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise RecipeError(f"[model] name = {name!r}: not a directory; give the directory that holds "
+                          "config.json (or gguf_file for a .gguf file)")
+    if not local.exists() and _looks_like_path(name):
+        raise RecipeError(f"[model] name = {name!r}: no such directory; give an existing model directory "
+                          "or a hub name such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    return str(local) if local.exists() else name
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are 'model' or 'org/model'; anything else is meant as a local path."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or name.endswith("/"))
 
 
 def load_policy(model_cfg: Any) -> tuple[Any, Any]:
@@ -143,15 +189,101 @@ def load_policy(model_cfg: Any) -> tuple[Any, Any]:
     hf_logging.disable_progress_bar()  # rlctl shows its own progress
     name = resolve_model_path(model_cfg)
     common = {"trust_remote_code": model_cfg.trust_remote_code, "revision": model_cfg.revision}
-    tokenizer = AutoTokenizer.from_pretrained(name, **common)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model_cfg, "gguf_file", None) and not Path(name).is_dir():
+        common["gguf_file"] = model_cfg.gguf_file  # from a hub repository
+    if not Path(name).is_dir() and not _in_hub_cache(name, common) and not _hub_reachable():
+        raise RecipeError(f"[model] name = {name!r}: not a local directory, not in the Hugging Face cache, "
+                          "and no network reached the Hub to fetch it. On a machine with network run "
+                          f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and set "
+                          "[model] name = \"DIR\"")
+    with _hub_errors(name):
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+        dtype = "auto" if model_cfg.dtype == "auto" else _DTYPES[model_cfg.dtype]
+        weights = {} if "gguf_file" in common else {"use_safetensors": True}
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **weights, **common)
+    check_special_tokens(tokenizer, name)
     tokenizer.padding_side = "left"  # prompts are left-padded so that generation continues them
-    dtype = "auto" if model_cfg.dtype == "auto" else _DTYPES[model_cfg.dtype]
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **common)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _in_hub_cache(name: str, common: dict[str, Any]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, common.get("gguf_file") or "config.json",
+                                       revision=common.get("revision"))
+        return isinstance(found, str)
+    except Exception:  # an invalid repository id, or an older huggingface_hub
+        return False
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hub's host answers at all (a machine without network fails at once, not after retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+    except Exception:
+        return True  # cannot tell: let transformers try
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_special_tokens(tokenizer: Any, name: str) -> None:
+    """Completions end at EOS and batches are padded: a tokenizer needs an EOS, and a pad token (the
+    EOS when it has none; the completion mask ends at the first EOS, so padding with it is safe)."""
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"[model] name = {name!r}: the tokenizer has no EOS token, so completions cannot "
+                          "end; use a tokenizer with an eos_token (set it in tokenizer_config.json)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def check_chat_template(tokenizer: Any, name: str, where: str) -> None:
+    """A sampler asked for ``chat_template = true``: the tokenizer must have one."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"{where} chat_template = true: the tokenizer of [model] name = {name!r} has no chat "
+                          "template; set chat_template = false (plain prompts) or use an instruct model")
+
+
+class _hub_errors:
+    """transformers' errors for a model that cannot be found or fetched, as one line naming the key."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, OSError):
+            return False
+        name = self.name
+        if Path(name).expanduser().is_dir():
+            raise RecipeError(f"[model] name = {name!r}: the directory is not a loadable model "
+                              f"({_first_line(exc)})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = ("HF_HUB_OFFLINE is set" if offline else
+                  "the Hugging Face Hub could not be reached or has no such model")
+        raise RecipeError(f"[model] name = {name!r}: not a local directory, and it could not be fetched ({reason}); "
+                          "no model was downloaded. On a machine with network run `huggingface-cli download "
+                          f"{name} --local-dir DIR` and set [model] name = \"DIR\"") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -297,7 +429,7 @@ def _prompt_groups(model: nn.Module, rollouts: Any) -> tuple[torch.Tensor, torch
     """(first row, rows) of each run of rows with one prompt, when sharing the prompt is worth it and safe.
 
     Safe means a bare model (a DDP/FSDP wrapper expects one forward per backward), the cache-aware
-    ``transformers`` forward (``past_key_values``), and no activation checkpointing (which turns the
+    ``transformers`` forward (a cache argument), and no activation checkpointing (which turns the
     cache off in training).
     """
     if os.environ.get("RLCTL_SHARED_PROMPTS", "1") == "0":
@@ -327,7 +459,7 @@ def _score_shared_prompts(model: nn.Module, rollouts: Any, first: torch.Tensor, 
     Gradients flow through the repeated keys/values back into the one prompt pass (summed over its rows),
     so the update equals the one from scoring every row in full.
     """
-    from rlctl.generation import new_cache
+    from rlctl.generation import new_cache, with_cache
 
     cache = new_cache(model)
     attention = rollouts.attention_mask
@@ -335,13 +467,13 @@ def _score_shared_prompts(model: nn.Module, rollouts: Any, first: torch.Tensor, 
     p_len = rollouts.prompt_ids.shape[1]
     want_hidden = value_head is not None
     prompt_out = model(input_ids=rollouts.prompt_ids[first], attention_mask=rollouts.prompt_mask[first],
-                       position_ids=positions[first, :p_len], past_key_values=cache, use_cache=True,
-                       output_hidden_states=want_hidden, logits_to_keep=1)
+                       position_ids=positions[first, :p_len], output_hidden_states=want_hidden,
+                       logits_to_keep=1, **with_cache(model, cache))
     for layer in cache.layers:
         layer.keys = layer.keys.repeat_interleave(rows, dim=0)
         layer.values = layer.values.repeat_interleave(rows, dim=0)
     out = model(input_ids=rollouts.completion_ids, attention_mask=attention, position_ids=positions[:, p_len:],
-                past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
+                output_hidden_states=want_hidden, **with_cache(model, cache))
     # the first completion token is predicted by the prompt's last position, the others by the completion
     targets, temperature = rollouts.completion_ids, rollouts.temperature
     head = prompt_out.logits[:, -1:, :].repeat_interleave(rows, dim=0)  # [N, 1, V]: one position per row

@@ -5,6 +5,8 @@ Conventions: masks are float or bool ``[N, T]``; groups are given by ``group_ids
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant")
@@ -47,26 +49,58 @@ def broadcast_to_tokens(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
-              normalizer: float | None = None) -> torch.Tensor:
+              normalizer: float | None = None, totals: Mapping[str, float] | None = None,
+              key: str = "") -> torch.Tensor:
     """Reduce a per-token loss ``[N, T]`` to a scalar.
 
     token-mean:           sum over all tokens / number of tokens (long answers weigh more)
     seq-mean-token-mean:  mean over sequences of each sequence's token mean (GRPO's original)
     seq-mean-token-sum:   mean over sequences of each sequence's token sum
     constant:             sum over all tokens / (N * normalizer) (Dr. GRPO; normalizer = max tokens)
+
+    The counts (tokens, sequences) are those of ``totals`` when given: ``rollouts.totals``, which the
+    trainer fills with the counts of the whole mini-batch over all processes. Each micro-batch then
+    returns its share of the mini-batch loss, and the shares add up to exactly the loss of the whole
+    batch, however it is split. ``key`` picks the counts of one term (``totals[key + "tokens"]``,
+    ``totals[key + "sequences"]``); without ``totals`` the counts are this batch's own.
     """
     m = mask.to(per_token.dtype)
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; accepted: {', '.join(AGGREGATIONS)}")
+    if totals is not None:
+        tokens, sequences = float(totals[key + "tokens"]), float(totals[key + "sequences"])
+    else:
+        tokens, sequences = m.sum(), float(per_token.shape[0])
     if mode == "token-mean":
-        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+        return (per_token * m).sum() / _at_least_one(tokens, per_token)
     if mode == "seq-mean-token-mean":
-        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(sequences, 1.0)
     if mode == "seq-mean-token-sum":
-        return (per_token * m).sum(-1).mean()
-    if mode == "constant":
-        if not normalizer:
-            raise ValueError("aggregation 'constant' needs a positive normalizer")
-        return (per_token * m).sum() / (per_token.shape[0] * normalizer)
-    raise ValueError(f"unknown aggregation {mode!r}; accepted: {', '.join(AGGREGATIONS)}")
+        return (per_token * m).sum() / max(sequences, 1.0)
+    if not normalizer:
+        raise ValueError("aggregation 'constant' needs a positive normalizer")
+    return (per_token * m).sum() / (max(sequences, 1.0) * normalizer)
+
+
+def batch_mean(values: torch.Tensor, totals: Mapping[str, float] | None = None, key: str = "sequences") -> torch.Tensor:
+    """Mean of per-unit values ``[K]`` (e.g. one per preference pair) over the whole mini-batch:
+    ``sum / totals[key]`` when ``totals`` is given (see ``aggregate``), else the plain mean."""
+    if totals is None:
+        return values.mean()
+    return values.sum() / max(float(totals[key]), 1.0)
+
+
+def default_totals(rollouts: Any) -> dict[str, float]:
+    """The counts every loss gets in ``rollouts.totals``: ``tokens`` (of ``loss_mask``, else
+    ``completion_mask``) and ``sequences`` (rows). Summed over processes by the trainer."""
+    mask = rollouts.loss_mask if rollouts.loss_mask is not None else rollouts.completion_mask
+    return {"tokens": float(mask.float().sum().item()), "sequences": float(len(rollouts))}
+
+
+def _at_least_one(count: Any, like: torch.Tensor) -> Any:
+    if isinstance(count, torch.Tensor):
+        return count.clamp(min=1.0)
+    return max(float(count), 1.0)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

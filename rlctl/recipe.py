@@ -13,10 +13,13 @@ Layout of a recipe (see docs/recipes.md)::
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import difflib
 import inspect
+import os
+import stat
 import sys
 import types
 import typing
@@ -45,6 +48,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
+    # a GGUF file (a path, or "package:file.gguf" inside an installed Python package), converted once
+    # into the rlctl cache; with `name` also given, a file name inside that directory or hub repository
+    gguf_file: str | None = None
 
 
 @dataclass
@@ -127,26 +133,65 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------ loading
+MAX_INCLUDE_BYTES = 1 << 20  # per recipe file
+MAX_INCLUDE_FILES = 64  # files read for one recipe, the recipe itself and every include counted
+MAX_INCLUDE_DEPTH = 16  # includes within includes
+MAX_NESTING = 64  # tables and arrays within each other
+
+_USER_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("rlctl_user_code", default=True)
+
+
+def user_code_allowed() -> bool:
+    """False while a recipe is only being validated: components must not import or run user code then
+    (``module:function`` references are looked up, not imported; ``trust_remote_code`` is not honoured)."""
+    return _USER_CODE.get()
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                check_components: bool = True) -> Recipe:
-    """Read, merge includes, apply ``--set`` overrides and validate. Raises ``RecipeError``."""
+                check_components: bool = True, user_code: bool = True) -> Recipe:
+    """Read, merge includes, apply ``--set`` overrides and validate. Raises ``RecipeError``.
+
+    ``user_code = False`` (``rlctl validate``) checks the recipe without importing or running user code.
+    """
     path = Path(path)
     doc = read_toml_with_includes(path)
     for item in overrides:
         apply_override(doc, item, source=str(path))
-    return parse_recipe(doc, source=str(path), check_components=check_components)
+    if overrides and _depth(doc) > MAX_NESTING:
+        raise RecipeError(f"--set: tables and arrays nested more than {MAX_NESTING} levels deep; accepted: at "
+                          f"most {MAX_NESTING}", source=str(path))
+    token = _USER_CODE.set(user_code)
+    try:
+        return parse_recipe(doc, source=str(path), check_components=check_components)
+    finally:
+        _USER_CODE.reset(token)
 
 
-def read_toml_with_includes(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_toml_with_includes(path: Path, _seen: tuple[Path, ...] = (), _count: list[int] | None = None
+                            ) -> dict[str, Any]:
+    """The recipe at ``path`` with its includes merged underneath (limits: see ``MAX_INCLUDE_*``)."""
+    count = [0] if _count is None else _count
+    count[0] += 1
+    where = f"include = {path.name!r} in {_seen[-1]}: " if _seen else ""
+    if count[0] > MAX_INCLUDE_FILES:
+        raise RecipeError(f"{where}more than {MAX_INCLUDE_FILES} recipe files read through includes "
+                          f"(every include counts, repeated ones too); accepted: at most {MAX_INCLUDE_FILES}")
+    if len(_seen) > MAX_INCLUDE_DEPTH:
+        raise RecipeError(f"{where}includes nested more than {MAX_INCLUDE_DEPTH} deep "
+                          f"({' -> '.join(p.name for p in _seen)} -> ...); accepted: at most {MAX_INCLUDE_DEPTH}")
     path = path.resolve() if path.exists() else path
-    if not path.exists():
-        raise RecipeError(f"recipe file not found: {path}")
     if path in _seen:
         raise RecipeError(f"include cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
+    text = _read_recipe_file(path, where)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"invalid TOML: {exc}", source=str(path)) from None
+    except RecursionError:
+        raise RecipeError(f"invalid TOML: nested more than {MAX_NESTING} levels deep", source=str(path)) from None
+    if _depth(doc) > MAX_NESTING:
+        raise RecipeError(f"tables and arrays nested more than {MAX_NESTING} levels deep; accepted: at most "
+                          f"{MAX_NESTING}", source=str(path))
     includes = doc.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
@@ -154,8 +199,61 @@ def read_toml_with_includes(path: Path, _seen: tuple[Path, ...] = ()) -> dict[st
         raise RecipeError(f"include = {includes!r}: expected a path or a list of paths", source=str(path))
     merged: dict[str, Any] = {}
     for inc in includes:
-        merged = deep_merge(merged, read_toml_with_includes(path.parent / inc, (*_seen, path)))
+        merged = deep_merge(merged, read_toml_with_includes(path.parent / inc, (*_seen, path), count))
     return deep_merge(merged, doc)
+
+
+def _read_recipe_file(path: Path, where: str = "") -> str:
+    """The text of a recipe file: a regular file (checked before it is opened), <= 1 MiB, UTF-8."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise RecipeError(f"{where}recipe file not found: {path}") from None
+    except OSError as exc:
+        raise RecipeError(f"{where}recipe file {path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RecipeError(f"{where}recipe file {path}: is a directory; accepted: a .toml file")
+    if not stat.S_ISREG(info.st_mode):
+        raise RecipeError(f"{where}recipe file {path}: not a regular file (a device, pipe or socket); "
+                          "accepted: a .toml file")
+    if info.st_size > MAX_INCLUDE_BYTES:
+        raise RecipeError(f"{where}recipe file {path}: {info.st_size} bytes; accepted: at most "
+                          f"{MAX_INCLUDE_BYTES} bytes (1 MiB)")
+    try:  # O_NONBLOCK: should the file have been swapped for a pipe meanwhile, opening it does not hang
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise RecipeError(f"{where}recipe file {path}: not a regular file; accepted: a .toml file")
+            data = fh.read(MAX_INCLUDE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"{where}recipe file {path}: cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_INCLUDE_BYTES:
+        raise RecipeError(f"{where}recipe file {path}: larger than {MAX_INCLUDE_BYTES} bytes; accepted: at "
+                          "most 1 MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"invalid UTF-8 at line {line} (byte 0x{data[exc.start]:02x}); accepted: UTF-8 text",
+                          source=str(path)) from None
+
+
+def _depth(value: Any) -> int:
+    """How deeply tables and arrays nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_NESTING:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +271,7 @@ def parse_value(text: str) -> Any:
     """A TOML value (``0.3``, ``true``, ``"x"``, ``[1, 2]``); anything else is taken as a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
@@ -215,8 +313,13 @@ def parse_recipe(doc: dict[str, Any], source: str = "", check_components: bool =
     if not isinstance(data, dict):
         problems.append(f"[data]: expected a table, got {data!r}")
         data = {"source": "arithmetic"}
-    if model is not None and not model.name and model.tiny is None:
-        problems.append("[model] name: missing; give a hub name or local path (or a [model.tiny] table)")
+    if model is not None and not model.name and model.tiny is None and not model.gguf_file:
+        problems.append("[model] name: missing; give a hub name or local path (or gguf_file, or a "
+                        "[model.tiny] table)")
+    if model is not None and model.gguf_file and model.tiny is not None:
+        problems.append("[model] gguf_file and [model.tiny]: give one model source, not both")
+    if model is not None and model.tiny is None:
+        _check_model_source(model, problems)
     if model is not None and model.tiny is not None:
         from rlctl.models import tiny_spec
         check_call(tiny_spec, model.tiny, "model.tiny", problems)
@@ -357,6 +460,25 @@ def _parse_rewards(value: Any, section: str, problems: list[str]) -> list[Compon
     return specs
 
 
+def _check_model_source(model: ModelConfig, problems: list[str]) -> None:
+    """A local model directory or GGUF file must exist (cheap checks; hub names are checked at run)."""
+    from rlctl.errors import RlctlError
+    from rlctl.models import resolve_model_path
+    from rlctl.model_import import resolve_gguf
+
+    if not isinstance(model.name, str) or not isinstance(model.gguf_file, (str, type(None))):
+        return  # a type error, reported elsewhere
+    try:
+        if model.gguf_file and not model.name:
+            resolve_gguf(model.gguf_file)
+        elif model.name and not model.gguf_file:
+            resolve_model_path(model)
+    except RlctlError as exc:
+        problems.append(str(exc))
+    except (RuntimeError, OSError, ValueError) as exc:  # e.g. "~nobody" (no such user), NUL in a path
+        problems.append(f"[model] name = {model.name!r}: not a usable path ({exc})")
+
+
 def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
     t = recipe.train
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
@@ -380,6 +502,11 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
     for name in t.trackers:
         if name not in TRACKERS:
             problems.append(f"[train] trackers: {name!r} is not a tracker; accepted: {', '.join(TRACKERS)}")
+    from rlctl.rundir import check_output_dir, format_output_dir
+    try:
+        check_output_dir(format_output_dir(t.output_dir, recipe.name), given=t.output_dir)
+    except RecipeError as exc:
+        problems.extend(exc.problems)
     for key in ("save_every", "keep_checkpoints"):
         if getattr(t, key) < 0:
             problems.append(f"[train] {key} = {getattr(t, key)}: must be >= 0")

@@ -71,6 +71,9 @@ class Rollouts:
     loss_mask: torch.Tensor | None = None
     # sampling temperature: the trainer scores completions at the same temperature
     temperature: float = 1.0
+    # counts over the whole mini-batch of every process (set by the trainer before the loss runs on a
+    # micro-batch): the denominators of ``rlctl.ops.aggregate``, so that a loss is its batch's share
+    totals: dict[str, float] | None = None
 
     def __len__(self) -> int:
         return int(self.completion_ids.shape[0])

