@@ -66,7 +66,7 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwri
     Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130; a second
     Ctrl-C stops at once.
     """
-    from rlctl import rundir
+    from rlctl.train import rundir
     from rlctl.recipe import load_recipe
     from rlctl.trainer import Trainer
 

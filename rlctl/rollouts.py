@@ -74,6 +74,8 @@ class Rollouts:
     # counts over the whole mini-batch of every process (set by the trainer before the loss runs on a
     # micro-batch): the denominators of ``rlctl.ops.aggregate``, so that a loss is its batch's share
     totals: dict[str, float] | None = None
+    # optimizer steps the sampling policy had taken when it generated the batch (set by the trainer)
+    policy_version: int | None = None
 
     def __len__(self) -> int:
         return int(self.completion_ids.shape[0])

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rlctl.trainer as trainer_module
+import rlctl.train.learner as learner_module
 from rlctl import testing
 from rlctl.hookspecs import hookimpl
 from rlctl.ops import aggregate
 from rlctl.rollouts import Rollouts
-from rlctl.trainer import Trainer
+from rlctl.train.learner import Learner
 from rlctl_plugins.samplers import HFGenerateSampler
 
 
@@ -110,7 +110,7 @@ save_final = false
 def _first_step_gradient(model_dir, body, micro_batch_size, tmp_path, monkeypatch, name):
     """The flat gradient (policy and value head) the optimizer receives at the first step."""
     seen: list[tuple[torch.Tensor, list[int]]] = []
-    original_clip, original_micro = Trainer._clip, trainer_module._micro_batches
+    original_clip, original_micro = Learner.clip, learner_module.micro_batches
     splits: list[int] = []  # micro-batches per mini-batch
 
     def clip(self, max_norm):
@@ -124,8 +124,8 @@ def _first_step_gradient(model_dir, body, micro_batch_size, tmp_path, monkeypatc
         splits.append(len(chunks))
         return chunks
 
-    monkeypatch.setattr(Trainer, "_clip", clip)
-    monkeypatch.setattr(trainer_module, "_micro_batches", micro_batches)
+    monkeypatch.setattr(Learner, "clip", clip)
+    monkeypatch.setattr(learner_module, "micro_batches", micro_batches)
     testing.run_recipe(_recipe(model_dir, body), steps=1, plugins=[PLUGIN], output_dir=tmp_path / name,
                        overrides=[f"train.micro_batch_size={micro_batch_size}"])
     monkeypatch.undo()

@@ -63,7 +63,7 @@ def test_selective_logprobs_and_entropy():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selective_logprobs_gradient_matches_log_softmax(monkeypatch, temperature, dtype):
     """The block-wise backward equals autograd through a whole-batch log_softmax, also across blocks."""
-    import rlctl.models as models
+    import rlctl.models.logprobs as models
 
     monkeypatch.setattr(models, "_BLOCK_ELEMENTS", 2 * 5 * 11)  # two rows per block: 3 rows span 2 blocks
     logits = torch.randn(3, 5, 11).to(dtype)
@@ -167,7 +167,7 @@ def test_rollouts_select_and_concat():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_shared_prompt_scoring_equals_full_scoring(tmp_path, monkeypatch, arch):
     """Prompts run once per group (keys/values repeated): log-probs, entropy, values and gradients unchanged."""
-    import rlctl.models as models
+    import rlctl.models.logprobs as models
     from rlctl.models import Policy, ValueHead, load_policy
     from rlctl.recipe import ModelConfig
 
@@ -200,7 +200,7 @@ def test_shared_prompt_scoring_equals_full_scoring(tmp_path, monkeypatch, arch):
 
 
 def test_prompts_are_shared_only_when_it_saves_enough(tiny_policy):
-    import rlctl.models as models
+    import rlctl.models.logprobs as models
 
     r = generate(tiny_policy, [Prompt("1+1="), Prompt("2+2=")], 4, max_new_tokens=3)
     assert models._prompt_groups(tiny_policy.model, r)[0].tolist() == [0, 4]

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import grpo_recipe, write_recipe
-from rlctl import rundir
+from rlctl.train import rundir
 from rlctl.cli import cli
 from rlctl.errors import RecipeError, RlctlError
 from rlctl.recipe import load_recipe
@@ -112,7 +112,7 @@ def test_clear_and_install_touch_only_manifest_entries(tmp_path):
 def test_pruning_deletes_only_recognised_checkpoints(tmp_path):
     import torch
 
-    from rlctl.checkpoint import Snapshot, is_checkpoint, save_checkpoint
+    from rlctl.train.checkpoint import Snapshot, is_checkpoint, save_checkpoint
 
     class Saves:
         def save_pretrained(self, path, **kwargs):

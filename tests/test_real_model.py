@@ -22,6 +22,7 @@ from rlctl.hookspecs import hookimpl
 from rlctl.models import Policy, load_policy, score_completions
 from rlctl.recipe import ModelConfig, parse_recipe
 from rlctl.rollouts import Prompt, Rollouts
+from rlctl.train.learner import Learner
 from rlctl.trainer import Trainer
 
 pytestmark = pytest.mark.real
@@ -208,14 +209,14 @@ def test_micro_batches_do_not_change_the_gradient_on_the_real_model(real_model_d
     """Natural EOS gives rows of different lengths; micro-batches of one group each give the gradient of
     the whole batch (float tolerance)."""
     grads = []
-    original = Trainer._clip
+    original = Learner.clip
 
     def clip(self, max_norm):
         grads.append(torch.cat([p.grad.flatten().clone() for g in self.optimizer.param_groups
                                 for p in g["params"] if p.grad is not None]))
         return original(self, max_norm)
 
-    monkeypatch.setattr(Trainer, "_clip", clip)
+    monkeypatch.setattr(Learner, "clip", clip)
     data = tmp_path / "prompts.jsonl"  # one prompt answered in a few tokens, one that runs to the limit
     data.write_text("".join(json.dumps({"prompt": p.text, "answer": p.answer}) + "\n" for p in QUESTIONS[:2]))
     probe = _Probe()

@@ -10,7 +10,7 @@ import torch
 
 from conftest import grpo_recipe, write_recipe
 from rlctl import hookimpl, plugins
-from rlctl.checkpoint import list_checkpoints
+from rlctl.train.checkpoint import list_checkpoints
 from rlctl.errors import ComponentError, RlctlError
 from rlctl.metrics import TIMING_FIELDS, read_metrics
 from rlctl.recipe import load_recipe

@@ -206,11 +206,11 @@ def test_unknown_tracker_is_a_recipe_error(tiny_model_dir, tmp_path):
 def test_dpo_reference_is_scored_once_per_pair_and_starts_at_log2(tmp_path, monkeypatch):
     import math
 
-    from rlctl.trainer import Trainer as T
+    from rlctl.train.reference import Reference
 
     scored = []
-    original = T._score_reference
-    monkeypatch.setattr(T, "_score_reference", lambda self, r: scored.append(len(r)) or original(self, r))
+    original = Reference.score
+    monkeypatch.setattr(Reference, "score", lambda self, r: scored.append(len(r)) or original(self, r))
     overrides = ["data.num_train=8", "data.num_eval=4", "train.prompts_per_step=4", "stage.0.steps=1",
                  "stage.0.train.prompts_per_step=4", "stage.1.steps=4", "model.tiny.hidden_size=32"]
     from pathlib import Path

@@ -1,0 +1,38 @@
+"""The policy a sampler receives (model and tokenizer), its frozen reference copy, and the model cache."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Policy:
+    """What a sampler receives: the (unwrapped) causal LM and its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLCTL_CACHE", Path.home() / ".cache" / "rlctl"))
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` in eval mode (reference policies)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

@@ -1,0 +1,1 @@
+"""The training pipeline: prompts -> rollouts -> rewards -> advantages -> updates, stage after stage."""

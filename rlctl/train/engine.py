@@ -1,0 +1,145 @@
+"""The engine: where the model runs and how processes cooperate (one process, or DDP through accelerate).
+
+Everything that differs between one process and several lives here, behind a small interface:
+preparing model and optimizer, backward and gradient clipping, autocast, gathering and reducing across
+processes, barriers and the trackers. The rest of the pipeline never asks how many processes there are
+except through this object.
+
+Every process draws the same global batch of prompts (same seed, same data order) and samples the
+completions of its own contiguous shard. Group ids are global, so that advantages computed on the
+gathered batch do not depend on how the processes split it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from rlctl.errors import RlctlError
+from rlctl.rollouts import Rollouts
+
+# metrics that add up over processes (the rest are averaged)
+SUMMED = ("tokens", "samples", "tokens_per_s")
+
+
+class Engine:
+    """One process or data-parallel processes, through ``accelerate``."""
+
+    def __init__(self, device: str, mixed_precision: str, trackers: Sequence[str], project_dir: str):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(
+            cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
+            mixed_precision=mixed_precision,
+            log_with=list(trackers) or None,
+            project_dir=project_dir,
+        )
+
+    # ------------------------------------------------------------------------------- processes
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """``value`` of every process, in process order (the value itself with one process)."""
+        if self.num_processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def all_true(self, flag: bool) -> bool:
+        return all(self.gather_objects(flag))
+
+    def sum_counts(self, counts: dict[str, float]) -> dict[str, float]:
+        """``counts`` summed over processes (float64, so that token counts stay exact)."""
+        if self.num_processes == 1:
+            return counts
+        keys = sorted(counts)
+        summed = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.accelerator.reduce(summed, reduction="sum").tolist()))
+
+    # ----------------------------------------------------------------------------------- model
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.prepare_model(model)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+        return self.accelerator.prepare_optimizer(optimizer)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def autocast(self) -> Any:
+        return self.accelerator.autocast()
+
+    def no_sync(self, model: torch.nn.Module) -> Any:
+        """Skip the gradient all-reduce (all but the last micro-batch of an accumulation)."""
+        return self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """The gradient norm before clipping (no clipping with ``max_norm <= 0``)."""
+        if not params:
+            return 0.0
+        if max_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+    # -------------------------------------------------------------------------------- trackers
+    def init_trackers(self, name: str, config: dict[str, Any]) -> None:
+        self.accelerator.init_trackers(name, config=config)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+
+    def end_trackers(self) -> None:
+        self.accelerator.end_training()
+
+
+def shard(items: Sequence[Any], index: int, count: int) -> tuple[list[Any], int]:
+    """This process's contiguous share of ``items`` and the position where it starts."""
+    if len(items) % count:
+        raise RlctlError(f"[train] prompts_per_step = {len(items)} must be a multiple of the number of "
+                         f"processes ({count}) so that every process gets whole groups")
+    size = len(items) // count
+    return list(items[index * size:(index + 1) * size]), index * size
+
+
+def gather_rollouts(engine: Engine, local: Rollouts, pad_token_id: int) -> tuple[Rollouts, slice]:
+    """The batch of all processes (in process order) and the rows that belong to this process."""
+    parts = engine.gather_objects(local.to("cpu"))
+    start = sum(len(p) for p in parts[: engine.process_index])
+    whole = Rollouts.concat(parts, pad_token_id=pad_token_id).to(engine.device)
+    return whole, slice(start, start + len(local))
+
+
+def reduce_metrics(engine: Engine, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Average numeric metrics over processes (sums for counts and throughput)."""
+    if engine.num_processes == 1:
+        return metrics
+    everyone = engine.gather_objects(metrics)
+    out = dict(metrics)
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            values = [m.get(key, 0.0) for m in everyone]
+            total = float(sum(values))
+            out[key] = total if key in SUMMED or key.endswith("/failed") else total / len(values)
+    return out
