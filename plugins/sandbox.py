@@ -501,6 +501,8 @@ class Sandbox:
                    "--gid", str(SANDBOX_UID), "--hostname", "sandbox", "--clearenv"]
             for key, value in ENV.items():
                 cmd += ["--setenv", key, value]
+            # the private /tmp first: a runtime that lives below /tmp (a venv in /tmp/x) is bound over it
+            cmd += ["--size", str(self.limits.disk_mb << 20), "--tmpfs", "/tmp"]
             for path in self.runtime.binds:
                 cmd += ["--ro-bind", path, path]
             for target, path in self.runtime.symlinks:
@@ -511,8 +513,7 @@ class Sandbox:
             for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                                  ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
                 cmd += ["--symlink", target, f"/dev/{name}"]
-            cmd += ["--size", str(self.limits.disk_mb << 20), "--tmpfs", "/tmp", "--symlink", "/tmp",
-                    "/dev/shm", "--chdir", "/tmp"]
+            cmd += ["--symlink", "/tmp", "/dev/shm", "--chdir", "/tmp"]
             if self.seccomp is not None:
                 r, w = os.pipe()
                 os.write(w, self.seccomp)
@@ -869,6 +870,9 @@ def read_only(path):
             flags |= ms_flag
     mount(None, path, None, flags)
 
+# the private /tmp first: a runtime that lives below /tmp (a venv in /tmp/x) is bound over it
+make(inside("/tmp"), True)
+mount("tmpfs", inside("/tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "size=%d,mode=1777" % cfg["disk"])
 for fd, path in sources:
     target = inside(path)
     make(target, os.path.isdir("/proc/self/fd/%d" % fd))
@@ -887,8 +891,6 @@ for name, link_target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
 make(inside("/proc"), True)
 mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 mount(None, inside("/proc"), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-make(inside("/tmp"), True)
-mount("tmpfs", inside("/tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "size=%d,mode=1777" % cfg["disk"])
 make(inside("/.old"), True)
 check(libc.syscall(cfg["pivot_root"], os.fsencode(stage), os.fsencode(inside("/.old"))), "pivot_root")
 os.chdir("/")

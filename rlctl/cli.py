@@ -59,8 +59,12 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
               help="Continue from a checkpoint: the newest of the run directory (no value or 'latest'), "
                    "or a checkpoint directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress view.")
+@click.option("--processes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train in N processes on this machine (data parallel; gloo on CPU, one GPU each with GPUs), "
+                   "started by torch's elastic launcher like torchrun --standalone --nproc-per-node N. "
+                   "Default: one process.")
 def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, resume: str | None,
-        quiet: bool) -> None:
+        quiet: bool, processes: int | None) -> None:
     """Train with RECIPE (a .toml file or the name of a shipped recipe).
 
     Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130; a second
@@ -72,14 +76,80 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwri
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    if processes is not None and processes > 1:
+        argv = [recipe, *(arg for item in overrides for arg in ("--set", item))]
+        argv += ["--output-dir", output_dir] if output_dir else []
+        argv += ["--overwrite"] if overwrite else []
+        argv += [f"--resume={resume}"] if resume else []
+        argv += ["--quiet"] if quiet else []
+        _launch(processes, recipe, overrides, output_dir, overwrite, resume, argv)
+        return
     parsed = load_recipe(_recipe_path(recipe), overrides)
     trainer = Trainer(parsed, output_dir=output_dir, overwrite=overwrite, show_progress=not quiet, resume=resume)
     rundir.check_claim(trainer.output_dir, overwrite=overwrite, resume=bool(resume),
                        entries=rundir.run_entries(parsed))  # refused before anything is printed
-    err_console.print(f"[bold]rlctl[/] {parsed.name}: {parsed.total_steps} steps in "
-                      f"{len(parsed.stages)} stage(s) -> {trainer.output_dir}", highlight=False)
+    if trainer.engine.is_main:
+        err_console.print(f"[bold]rlctl[/] {parsed.name}: {parsed.total_steps} steps in "
+                          f"{len(parsed.stages)} stage(s) -> {trainer.output_dir}", highlight=False)
     summary = trainer.run()
     trainer.print_summary(summary)
+
+
+def _launch(count: int, recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool,
+            resume: str | None, argv: list[str]) -> None:
+    """``rlctl run ARGV`` in ``count`` processes on this machine; exits with their status.
+
+    This process becomes the launcher: it calls what ``torchrun`` calls (``torch.distributed.run``'s
+    argument parser and ``run``, also what ``accelerate launch`` uses), with ``--standalone`` so that the
+    launcher picks a free rendezvous port itself (no port to choose and race for) and the same flags as
+    the documented ``torchrun --nproc-per-node N -m rlctl run ...``. Run in-process rather than as a
+    ``torchrun`` subprocess, a failing process comes back as an exception: rlctl prints one line for it
+    and exits with that process's status, instead of the launcher's traceback.
+    """
+    import logging
+    import os
+
+    import torch
+
+    from rlctl.recipe import load_recipe
+    from rlctl.train import rundir
+
+    if os.environ.get("WORLD_SIZE"):
+        raise RlctlError(f"--processes {count}: this process is already one of {os.environ['WORLD_SIZE']} "
+                         "started by a launcher (torchrun, accelerate launch); use one or the other")
+    # recipe and run directory are checked once here, before any process starts (no user code runs)
+    parsed = load_recipe(_recipe_path(recipe), overrides, user_code=False)
+    for stage in parsed.stages:
+        if stage.train.prompts_per_step % count:
+            where = f"stage {stage.name!r}: " if len(parsed.stages) > 1 else ""
+            raise RlctlError(f"--processes {count}: {where}[train] prompts_per_step = {stage.train.prompts_per_step} "
+                             "must be a multiple of the number of processes so that every process gets whole groups")
+    if parsed.train.device != "cpu" and torch.cuda.is_available() and count > torch.cuda.device_count():
+        raise RlctlError(f"--processes {count}: this machine has {torch.cuda.device_count()} GPU(s) and each "
+                         "process needs its own; pass at most that many, or [train] device = \"cpu\"")
+    out = rundir.output_dir_path(parsed.train.output_dir, parsed.name, explicit=output_dir)
+    rundir.check_claim(out, overwrite=overwrite, resume=bool(resume), entries=rundir.run_entries(parsed))
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as launch
+
+    if "LOGLEVEL" not in os.environ:  # the launcher's own log lines (LOGLEVEL=INFO shows them)
+        for name in list(logging.Logger.manager.loggerDict):
+            if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        launch(parse_args(["--standalone", "--nproc-per-node", str(count), "--module", "rlctl", "run", *argv]))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
+        err_console.print(f"[bold red]error:[/] process {rank} of {count} failed with exit code {code} "
+                          "(its output is above); the other processes were stopped", highlight=False, soft_wrap=True)
+        sys.exit(code)
+    except SignalException as exc:  # Ctrl-C or SIGTERM: passed on to every process, which checkpoint and stop
+        sys.exit(128 + int(exc.sigval))
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 @cli.command()

@@ -112,7 +112,7 @@ def test_clear_and_install_touch_only_manifest_entries(tmp_path):
 def test_pruning_deletes_only_recognised_checkpoints(tmp_path):
     import torch
 
-    from rlctl.train.checkpoint import Snapshot, is_checkpoint, save_checkpoint
+    from rlctl.train.checkpoint import Snapshot, begin_checkpoint, is_checkpoint, save_checkpoint
 
     class Saves:
         def save_pretrained(self, path, **kwargs):
@@ -134,7 +134,8 @@ def test_pruning_deletes_only_recognised_checkpoints(tmp_path):
     (root / "step-000002").symlink_to(elsewhere)
     assert is_checkpoint(old) and not is_checkpoint(lookalike) and not is_checkpoint(root / "step-000002")
     snap = Snapshot(step=5, stage_index=0, stage_step=5, data_state={}, eval_results={}, process_states=[])
-    final = save_checkpoint(tmp_path / "run", snap, model=Saves(), tokenizer=Saves(), optimizer=Saves(), keep=1)
+    begin_checkpoint(tmp_path / "run", snap.step)
+    final = save_checkpoint(tmp_path / "run", snap, model=Saves(), tokenizer=Saves(), keep=1)
     assert is_checkpoint(final) and not old.exists()  # rlctl's own old checkpoint is pruned
     assert (lookalike / "user.txt").exists() and (root / "step-000002").is_symlink()
     assert (elsewhere / "state.json").exists()

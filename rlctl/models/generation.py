@@ -19,7 +19,7 @@ the environment sets ``RLCTL_GENERATE=hf``.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -125,7 +125,8 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
             sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
             out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
                                  do_sample=do_sample, max_new_tokens=max_new_tokens,
-                                 min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+                                 min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id,
+                                 synced_gpus=_all_done is not None, **sampling)
             pieces.append(out[:, prompt_ids.shape[1]:])
     finally:
         model.train(was_training)
@@ -156,6 +157,18 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
         temperature=temperature if do_sample else 1.0,
         behavior_logprobs=behavior,
     )
+
+
+# ---------------------------------------------------------------------------------- lockstep
+# With a sharded model (FSDP2) every forward is a collective: all processes must decode the same number
+# of steps. The engine installs ``all_done(local_done) -> bool`` (an all-reduce) for the whole run.
+_all_done: Callable[[bool], bool] | None = None
+
+
+def set_lockstep(all_done: Callable[[bool], bool] | None) -> None:
+    """Decode in lockstep with the other processes (``None``: each process stops when it is done)."""
+    global _all_done
+    _all_done = all_done
 
 
 # ------------------------------------------------------------------------------- fast decoding
@@ -331,7 +344,11 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
         unfinished &= ~torch.isin(tokens, eos_t)
         if step + 1 == max_new_tokens:
             break
-        if (step + 1) % check_every == 0 and not bool(unfinished.any()):
+        if _all_done is not None:  # sharded model: every process runs each forward, until all are done
+            if _all_done(not bool(unfinished.any())):
+                steps = step + 1
+                break
+        elif (step + 1) % check_every == 0 and not bool(unfinished.any()):
             steps = step + 1
             break
         mask = None if full_mask is None else full_mask[..., :p_len + step + 1]

@@ -11,7 +11,6 @@ half-written model.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,9 +18,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlctl.errors import RecipeError
+from rlctl.models.cache_lock import lock_path, locked, save_model_here
 
 IMPORT_MARKER = "rlctl_import.json"
 
@@ -69,7 +69,7 @@ def import_gguf(gguf_path: str | Path, out: str | Path | None = None) -> Path:
     if _marker(target) == wanted:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.with_name(target.name + ".lock")):
+    with locked(lock_path(target)):
         if _marker(target) == wanted:  # another process converted it while this one waited
             return target
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and _marker(target) is None:
@@ -109,7 +109,7 @@ def _convert(source: Path, out: Path) -> None:
         raise RecipeError(f"{source}: GGUF weights do not fit the {type(plain).__name__} architecture "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     plain.generation_config = loaded.generation_config
-    plain.save_pretrained(out, safe_serialization=True)
+    save_model_here(plain, out)  # any rank may hold the lock: make sure this process writes
     tokenizer.save_pretrained(out)
 
 
@@ -126,16 +126,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``lock_path`` (released when the process dies, so never stale)."""
-    import fcntl
-
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

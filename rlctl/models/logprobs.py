@@ -124,6 +124,15 @@ def score_completions(model: nn.Module, rollouts: Any, value_head: nn.Module | N
 SHARED_PROMPT_MIN_SAVING = 0.1
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """An FSDP2-sharded model: every process must run the same forwards, whatever its batch."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _prompt_groups(model: nn.Module, rollouts: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first row, rows) of each run of rows with one prompt, when sharing the prompt is worth it and safe.
 
@@ -133,7 +142,7 @@ def _prompt_groups(model: nn.Module, rollouts: Any) -> tuple[torch.Tensor, torch
     """
     if os.environ.get("RLCTL_SHARED_PROMPTS", "1") == "0":
         return None
-    if not hasattr(model, "config") or isinstance(model, nn.parallel.DistributedDataParallel):
+    if not hasattr(model, "config") or isinstance(model, nn.parallel.DistributedDataParallel) or _is_sharded(model):
         return None
     if getattr(model, "is_activation_checkpointing", False) or getattr(model.config, "is_encoder_decoder", False):
         return None

@@ -6,13 +6,13 @@ import hashlib
 import json
 import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlctl.errors import RecipeError
+from rlctl.models.cache_lock import fresh_dir, lock_path, locked, remove_stale, save_model_here
 from rlctl.models.policy import cache_dir
 
 TINY_MARKER = "rlctl_tiny.json"
@@ -63,21 +63,51 @@ def build_tiny_model(path: str | Path | None = None, **spec: Any) -> Path:
     Returns the directory, which loads with ``AutoModelForCausalLM.from_pretrained``. Without ``path``
     the model goes to the rlctl cache under a name derived from the spec. An existing directory is
     reused when its spec matches, and only ever replaced if it is a tiny model that rlctl built.
+    Several processes that ask at once (the ranks of a run) build it once, under a file lock, into a
+    temporary directory renamed into place: none of them sees a half-written model.
     """
+    full = tiny_spec(**spec)
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(path) if path else cache_dir() / "models" / f"tiny-{full['arch']}-{digest}"
+    if _built_spec(out) == full:
+        return out
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(lock_path(out)):
+        if _built_spec(out) == full:  # another process built it while this one waited
+            return out
+        _check_replaceable(out)
+        remove_stale(out)  # a builder killed half-way (only the lock holder builds)
+        tmp = fresh_dir(out)
+        try:
+            _write_tiny_model(tmp, full)
+            _replace_tiny_model(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _built_spec(out: Path) -> dict[str, Any] | None:
+    """The spec recorded by the tiny model at ``out`` (None if there is none, or an unreadable one)."""
+    try:
+        return json.loads((out / TINY_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / TINY_MARKER).is_file():
+        raise RecipeError(f"[model] name = {str(out)!r}: directory exists and is not a tiny rlctl model; "
+                          "refusing to overwrite it")
+
+
+def _write_tiny_model(tmp: Path, full: dict[str, Any]) -> None:
+    """The model, its tokenizer and, last, the marker holding the spec."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    full = tiny_spec(**spec)
-    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(path) if path else cache_dir() / "models" / f"tiny-{full['arch']}-{digest}"
-    marker = out / TINY_MARKER
-    if marker.exists() and json.loads(marker.read_text()) == full:
-        return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not marker.exists():
-        raise RecipeError(f"[model] name = {str(out)!r}: directory exists and is not a tiny rlctl model; "
-                          "refusing to overwrite it")
-
     tokenizer = build_tokenizer()
     config = AutoConfig.for_model(
         full["arch"],
@@ -96,18 +126,9 @@ def build_tiny_model(path: str | Path | None = None, **spec: Any) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(full["seed"])
         model = AutoModelForCausalLM.from_config(config)
-    from rlctl.train import rundir
-
-    tmp = rundir.temp_dir(out.parent)  # fresh and unique: no sibling of the user's is touched
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / TINY_MARKER).write_text(json.dumps(full, sort_keys=True))
-        _replace_tiny_model(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    save_model_here(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / TINY_MARKER).write_text(json.dumps(full, sort_keys=True))
 
 
 def _replace_tiny_model(tmp: Path, out: Path) -> None:
@@ -116,7 +137,7 @@ def _replace_tiny_model(tmp: Path, out: Path) -> None:
         raise RecipeError(f"[model] name = {str(out)!r}: exists and is not a directory; refusing to replace it")
     if out.is_dir():
         if (out / TINY_MARKER).is_file():
-            old = Path(tempfile.mkdtemp(prefix=".rlctl-tmp-", dir=out.parent))
+            old = fresh_dir(out)
             out.rename(old / out.name)
             tmp.rename(out)
             shutil.rmtree(old)

@@ -49,6 +49,7 @@ class TrainConfig:
     output_dir: str = "runs/{recipe}"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["auto", "fsdp2"] = "auto"  # auto: one process, or DDP under a launcher; fsdp2: sharded
     reference: Literal["stage_start", "initial"] = "stage_start"  # reference policy for KL terms
     drop_uniform_groups: bool = False  # dynamic sampling: drop groups whose rewards are all equal
     max_sampling_rounds: int = 1  # extra sampling rounds to refill dropped groups

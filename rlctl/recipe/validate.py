@@ -207,6 +207,11 @@ def _check_model_source(model: ModelConfig, problems: list[str]) -> None:
 
 def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
     t = recipe.train
+    if t.engine == "fsdp2" and recipe.model.lora is not None:
+        problems.append('[train] engine = "fsdp2" with [model.lora]: not supported; LoRA trains with '
+                        'engine = "auto" (one process or DDP), where only the adapters are updated')
+    if t.engine == "fsdp2" and t.mixed_precision == "fp16":
+        problems.append('[train] mixed_precision = "fp16": the fsdp2 engine accepts "no" or "bf16"')
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         problems.append(f"[train] adam_betas = {t.adam_betas!r}: expected two numbers in [0, 1)")
     for stage in recipe.stages:

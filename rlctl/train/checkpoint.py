@@ -5,7 +5,8 @@ Layout of ``RUN/checkpoints/step-000012/`` (the number is the count of completed
     policy/                    model + tokenizer (save_pretrained, safetensors)
     value_head.safetensors     when the policy has a value head
     reference.safetensors      the frozen reference policy's weights, when one is in use
-    optimizer.pt               optimizer state (tensors only; loaded with weights_only=True)
+    optimizer.pt               optimizer state (tensors only; loaded with weights_only=True), or
+    optimizer/                 with the fsdp2 engine: its shards (torch.distributed.checkpoint)
     rank-0.pt, rank-1.pt ...   per process: torch/CUDA/python/numpy RNG states, the mini-batch shuffling
                                generator and the components' states (loaded with weights_only=True)
     state.json                 step, stage, data position, evaluation results
@@ -87,23 +88,32 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     raise RlctlError(f"--resume {resume}: not a checkpoint (no state.json) nor a run directory with checkpoints")
 
 
-def save_checkpoint(run_dir: Path, snap: Snapshot, *, model: Any, tokenizer: Any, optimizer: Any,
-                    value_head: Any = None, reference: Any = None, keep: int = 2) -> Path:
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """The empty directory a checkpoint of ``step`` is written into before it is renamed into place."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{snap.step:06d}"
-    tmp = root / f"{final.name}.tmp"
+    tmp = pending_dir(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    from safetensors.torch import save_model  # handles tied (shared) weights
+    return tmp
 
-    if value_head is not None:
-        save_model(value_head, str(tmp / "value_head.safetensors"))
-    if reference is not None:
-        save_model(reference, str(tmp / "reference.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+
+def pending_dir(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"{PREFIX}{step:06d}.tmp"
+
+
+def save_checkpoint(run_dir: Path, snap: Snapshot, *, model: Any, tokenizer: Any, model_state: Any = None,
+                    value_head: Any = None, reference: Any = None, keep: int = 2) -> Path:
+    """Complete the checkpoint begun by ``begin_checkpoint`` (the optimizer state is already in it) and
+    rename it into place. ``model_state``: the policy's full state dict when it is sharded (else read
+    from ``model``); ``value_head`` and ``reference``: modules or full state dicts."""
+    tmp = pending_dir(run_dir, snap.step)
+    final = checkpoint_dir(run_dir) / f"{PREFIX}{snap.step:06d}"
+    model.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=model_state)
+    tokenizer.save_pretrained(tmp / "policy")
+    for name, part in (("value_head", value_head), ("reference", reference)):
+        if part is not None:
+            _save_weights(part, tmp / f"{name}.safetensors")
     for rank, local in enumerate(snap.process_states):
         torch.save(local, tmp / f"rank-{rank}.pt")
     state = {
@@ -123,6 +133,15 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, *, model: Any, tokenizer: Any
     for old in ours[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def _save_weights(part: Any, file: Path) -> None:
+    from safetensors.torch import save_file, save_model  # save_model handles tied (shared) weights
+
+    if isinstance(part, dict):
+        save_file({k: v.clone().contiguous() for k, v in part.items()}, str(file))  # tied weights: apart
+    else:
+        save_model(part, str(file))
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -158,10 +177,6 @@ def load_weights(module: Any, file: Path) -> None:
     from safetensors.torch import load_model
 
     load_model(module, str(file))
-
-
-def load_optimizer(optimizer: Any, path: Path) -> None:
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
 
 
 def _to_json(value: Any) -> Any:

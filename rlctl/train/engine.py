@@ -12,6 +12,7 @@ gathered batch do not depend on how the processes split it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -26,15 +27,35 @@ SUMMED = ("tokens", "samples", "tokens_per_s")
 class Engine:
     """One process or data-parallel processes, through ``accelerate``."""
 
-    def __init__(self, device: str, mixed_precision: str, trackers: Sequence[str], project_dir: str):
-        from accelerate import Accelerator
+    name = "ddp"  # "single process" when there is one
+    sharded = False  # whether parameters are sharded over processes (every forward a collective)
 
+    def __init__(self, device: str, mixed_precision: str, trackers: Sequence[str], project_dir: str):
+        import os
+
+        from accelerate import Accelerator
+        from accelerate.utils import parse_flag_from_env
+
+        # `accelerate launch` with a DEEPSPEED or FSDP config asks accelerate to wrap the model its own way,
+        # which this engine does not do: refused, never run silently as plain DDP
+        if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+            raise RlctlError("DeepSpeed is not supported (ACCELERATE_USE_DEEPSPEED is set, e.g. by an accelerate "
+                             "config with distributed_type: DEEPSPEED); the supported sharded engine is FSDP2: "
+                             "set [train] engine = \"fsdp2\" and launch with torchrun or rlctl run --processes N")
+        if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            raise RlctlError("accelerate's FSDP is not supported (ACCELERATE_USE_FSDP is set, e.g. by an accelerate "
+                             "config with distributed_type: FSDP); for sharded training set "
+                             "[train] engine = \"fsdp2\" and launch with torchrun or rlctl run --processes N")
         self.accelerator = Accelerator(
             cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
             mixed_precision=mixed_precision,
             log_with=list(trackers) or None,
             project_dir=project_dir,
         )
+        launched = os.environ.get("WORLD_SIZE", "")
+        if launched.isdigit() and int(launched) != self.accelerator.num_processes:
+            raise RlctlError(f"started as one of {launched} processes (WORLD_SIZE), but accelerate set up "
+                             f"{self.accelerator.num_processes}; launch with torchrun or rlctl run --processes N")
 
     # ------------------------------------------------------------------------------- processes
     @property
@@ -103,7 +124,32 @@ class Engine:
             return float(self.accelerator.clip_grad_norm_(params, max_norm))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
 
-    # -------------------------------------------------------------------------------- trackers
+    def frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        from rlctl.models import frozen_copy
+
+        return frozen_copy(model)
+
+    # ------------------------------------------------------------------------------ state dicts
+    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole module's state on the main process (empty elsewhere); every process calls it."""
+        return self.unwrap(module).state_dict() if self.is_main else {}
+
+    def load_full_state_dict(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.unwrap(module).load_state_dict(state)
+
+    def save_optimizer(self, model: torch.nn.Module, optimizer: Any, directory: Path) -> None:
+        """Called on every process; the main process writes (the state is the same everywhere)."""
+        if self.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_optimizer(self, model: torch.nn.Module, optimizer: Any, directory: Path) -> None:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+
+    def close(self) -> None:
+        """Undo process-wide settings at the end of a run."""
+
+        # -------------------------------------------------------------------------------- trackers
     def init_trackers(self, name: str, config: dict[str, Any]) -> None:
         self.accelerator.init_trackers(name, config=config)
 
@@ -112,6 +158,18 @@ class Engine:
 
     def end_trackers(self) -> None:
         self.accelerator.end_training()
+
+    # ---------------------------------------------------------------------------------- report
+    def describe(self) -> dict[str, Any]:
+        """What actually runs: ``name`` ("single" for one unsharded process, else the engine's, e.g. "ddp"),
+        ``processes``, ``backend`` (the process group's, "gloo" or "nccl"; None without one) and ``device``
+        ("cpu", "cuda")."""
+        import torch.distributed as dist
+
+        processes = self.num_processes
+        name = self.name if processes > 1 or self.sharded else "single"
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+        return {"name": name, "processes": processes, "backend": backend, "device": self.device.type}
 
 
 def shard(items: Sequence[Any], index: int, count: int) -> tuple[list[Any], int]:
@@ -143,3 +201,12 @@ def reduce_metrics(engine: Engine, metrics: dict[str, Any]) -> dict[str, Any]:
             total = float(sum(values))
             out[key] = total if key in SUMMED or key.endswith("/failed") else total / len(values)
     return out
+
+
+def make_engine(train: Any, project_dir: str) -> Engine:
+    """The engine ``[train] engine`` asks for: ``auto`` (one process, or DDP under a launcher) or ``fsdp2``."""
+    if getattr(train, "engine", "auto") == "fsdp2":
+        from rlctl.train.fsdp2 import FSDP2Engine
+
+        return FSDP2Engine(train.device, train.mixed_precision, train.trackers, project_dir)
+    return Engine(train.device, train.mixed_precision, train.trackers, project_dir)

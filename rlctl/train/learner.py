@@ -45,6 +45,13 @@ class Learner:
         return self.engine.unwrap(self.model)
 
     @property
+    def trainable(self) -> torch.nn.Module:
+        """Everything the optimizer updates, as one module (the policy, and the value head if any)."""
+        if self.value_head is None:
+            return self.model
+        return torch.nn.ModuleDict({"policy": self.model, "value_head": self.value_head})
+
+    @property
     def unwrapped_value_head(self) -> ValueHead | None:
         return None if self.value_head is None else self.engine.unwrap(self.value_head)
 

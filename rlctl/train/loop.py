@@ -28,7 +28,7 @@ from rlctl.state import TrainState
 from rlctl.train import outputs, rundir
 from rlctl.train.checkpointer import Checkpointer, truncate_metrics
 from rlctl.train.components import build, guarded
-from rlctl.train.engine import Engine, reduce_metrics
+from rlctl.train.engine import make_engine, reduce_metrics
 from rlctl.train.evaluator import Evaluator
 from rlctl.train.learner import BadSteps, Learner
 from rlctl.train.reference import Reference
@@ -50,12 +50,12 @@ class Trainer:
         self.output_dir = rundir.output_dir_path(recipe.train.output_dir, recipe.name, explicit=output_dir)
         t = recipe.train
         check_trackers(t.trackers)
-        self.engine = Engine(t.device, t.mixed_precision, t.trackers, str(self.output_dir))
+        self.engine = make_engine(t, str(self.output_dir))
         main = self.engine.is_main
         self.view = LiveView(recipe.total_steps, enabled=show_progress and main, messages=main)
         self.state = TrainState(total_steps=recipe.total_steps, output_dir=self.output_dir, recipe=recipe)
         self.scorer = Scorer(t.max_reward_failure_rate, self.view.message)
-        self.evaluator = Evaluator(recipe, self.scorer, main, self.view.message)
+        self.evaluator = Evaluator(recipe, self.scorer, self.engine, self.view.message)
         self.checkpointer = Checkpointer(self.engine, self.output_dir, t.keep_checkpoints)
         self.references = Reference(self.engine)
         self.stop = StopRequest(self.view.message)
@@ -123,7 +123,7 @@ class Trainer:
         if needs_initial and lora is None:  # with LoRA the base model (adapters off) is the reference
             if self.resume:  # the initial policy is the recipe's model, not the checkpoint's
                 initial, _ = load_policy(self.recipe.model)
-                self.references.freeze_initial(initial.to(self.engine.device))
+                self.references.freeze_initial(initial.to(self.engine.device), loaded_apart=True)
             else:
                 self.references.freeze_initial(self.policy_model)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl") if self.engine.is_main else None
@@ -133,6 +133,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
+        self.view.message(outputs.engine_line(self.engine.describe()))
         self._claim_output_dir()
         self._setup()
         started = time.perf_counter()
@@ -164,12 +165,12 @@ class Trainer:
             if self.metrics:
                 self.metrics.close()
         summary = outputs.summary(self.recipe, self.state.step, time.perf_counter() - started,
-                                  self.state.last_metrics, self.eval_results)
-        if self.recipe.train.save_final:
-            self.engine.barrier()
-            if self.engine.is_main:
-                outputs.save_final(self.output_dir / "final", self.policy_model, self.tokenizer,
-                                   self.learner.unwrapped_value_head, (self.recipe.model.lora or {}).get("save", "adapter"))
+                                  self.state.last_metrics, self.eval_results, self.engine.describe())
+        try:
+            if self.recipe.train.save_final:
+                self._save_final()
+        finally:
+            self.engine.close()
         plugins.hook().rlctl_on_run_end(state=self.state, summary=summary)
         if self.engine.is_main:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -206,7 +207,8 @@ class Trainer:
             if self.stop.requested:
                 raise Interrupted(
                     f"interrupted after step {self.state.step}; checkpoint written to {where}. Resume with: "
-                    f"rlctl run {self.recipe.source} --output-dir {self.output_dir} --resume latest")
+                    f"rlctl run {self.recipe.source} --output-dir {self.output_dir} --resume latest"
+                    + (f" --processes {self.engine.num_processes}" if self.engine.num_processes > 1 else ""))
 
     # ---------------------------------------------------------------------------------- a step
     def _step(self, stage: Stage, built: dict[str, Any], needs: set[str]) -> None:
@@ -258,6 +260,16 @@ class Trainer:
             data_state=self.stream.state_dict(), eval_results=self.eval_results, bad_steps=self.bad_steps.in_a_row,
             learner=self.learner, tokenizer=self.tokenizer, reference=self.references.model if next_stage_step else None,
             built=built if built is not None else self.state.components)
+
+    def _save_final(self) -> None:
+        engine, head = self.engine, self.learner.value_head
+        state = engine.full_state_dict(self.policy_model) if engine.sharded else None  # every process
+        head_state = engine.full_state_dict(head) if engine.sharded and head is not None else None
+        engine.barrier()
+        if engine.is_main:
+            outputs.save_final(self.output_dir / "final", self.policy_model, self.tokenizer,
+                               head_state if engine.sharded else self.learner.unwrapped_value_head,
+                               (self.recipe.model.lora or {}).get("save", "adapter"), model_state=state)
 
     def _evaluate(self, stage: Stage, built: dict[str, Any], label: str) -> None:
         result = self.evaluator.evaluate(Policy(self.policy_model, self.tokenizer), self.eval_prompts, stage,

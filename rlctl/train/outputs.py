@@ -20,18 +20,21 @@ def write_run_info(run_dir: Path, recipe: Recipe) -> None:
     (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
 
 
-def save_final(path: Path, policy: Any, tokenizer: Any, value_head: Any, lora_save: str) -> None:
-    """The trained model as a ``from_pretrained`` directory (with LoRA: the adapters, or merged)."""
+def save_final(path: Path, policy: Any, tokenizer: Any, value_head: Any, lora_save: str,
+               model_state: dict | None = None) -> None:
+    """The trained model as a ``from_pretrained`` directory (with LoRA: the adapters, or merged).
+    ``model_state`` (and a dict ``value_head``): full state dicts of sharded modules."""
     tmp = rundir.temp_dir(path.parent)  # a fresh directory: nothing of the user's is written over
     try:
         if is_lora(policy):
             save_lora(policy, tokenizer, tmp, lora_save)
         else:
-            policy.save_pretrained(tmp, safe_serialization=True)
+            policy.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
             tokenizer.save_pretrained(tmp)
         if value_head is not None:
             from safetensors.torch import save_file
-            save_file(value_head.state_dict(), str(tmp / "value_head.safetensors"))
+            state = value_head if isinstance(value_head, dict) else value_head.state_dict()
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "value_head.safetensors"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -39,8 +42,12 @@ def save_final(path: Path, policy: Any, tokenizer: Any, value_head: Any, lora_sa
 
 
 def summary(recipe: Recipe, steps: int, seconds: float, last: dict[str, Any],
-            eval_results: dict[str, dict[str, float]]) -> dict[str, Any]:
+            eval_results: dict[str, dict[str, float]], engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's ``summary.json``: steps, time, the engine used (``Engine.describe``), last metrics and
+    held-out accuracies."""
     out: dict[str, Any] = {"steps": steps, "seconds": round(seconds, 1)}
+    if engine is not None:
+        out.update({"engine": engine["name"], "processes": engine["processes"]})
     for key in ("reward", "accuracy", "kl", "loss", "completion_len", "tokens_per_s"):
         if key in last:
             out[f"last/{key}"] = last[key]
@@ -49,6 +56,15 @@ def summary(recipe: Recipe, steps: int, seconds: float, last: dict[str, Any],
         if label in stage_names or label == "start":  # intermediate evaluations stay in metrics.jsonl
             out[f"eval/{label}/accuracy"] = result["eval/accuracy"]
     return out
+
+
+def engine_line(engine: dict[str, Any]) -> str:
+    """"engine: ddp, 2 processes (gloo, cpu)" or "engine: single process (cpu)" (``Engine.describe``)."""
+    if engine["name"] == "single":
+        return f"engine: single process ({engine['device']})"
+    where = ", ".join(v for v in (engine["backend"], engine["device"]) if v)
+    count = engine["processes"]
+    return f"engine: {engine['name']}, {count} process{'' if count == 1 else 'es'} ({where})"
 
 
 def print_summary(console: Any, run_dir: Path, summary: dict[str, Any], recipe: Recipe,

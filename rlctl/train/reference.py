@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rlctl.models import frozen_copy, score_completions
+from rlctl.models import score_completions
 from rlctl.lora import adapters_disabled, is_lora
 from rlctl.rollouts import Rollouts
 from rlctl.train.engine import Engine
@@ -29,11 +29,12 @@ class Reference:
         self.policy = policy
         self.model = None
         if needed and not is_lora(policy):
-            self.model = self.initial if kind == "initial" else frozen_copy(policy)
+            self.model = self.initial if kind == "initial" else self.engine.frozen_copy(policy)
         self.in_use = needed
         # completions that depend only on the prompt (demonstrations, preference pairs) meet the same
-        # frozen reference again every epoch: score each once per stage
-        self._cache = {} if needed and deterministic else None
+        # frozen reference again every epoch: score each once per stage (not with a sharded reference,
+        # whose every forward needs all processes)
+        self._cache = {} if needed and deterministic and not self.engine.sharded else None
 
     def logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         """Reference log-probs; cached per (prompt, completion) when the sampler is deterministic."""
@@ -59,5 +60,14 @@ class Reference:
         with self.engine.autocast():
             return score_completions(self.model, rollouts).logprobs
 
-    def freeze_initial(self, model: Any) -> None:
-        self.initial = frozen_copy(model)
+    def freeze_initial(self, model: Any, loaded_apart: bool = False) -> None:
+        """Keep ``model``'s weights as the run's initial reference. ``loaded_apart``: ``model`` was loaded
+        for this purpose (on resume), so it is frozen itself (sharded first when the engine shards)."""
+        if not loaded_apart:
+            self.initial = self.engine.frozen_copy(model)
+            return
+        model = self.engine.prepare_model(model) if self.engine.sharded else model
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.initial = model
