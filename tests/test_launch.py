@@ -159,7 +159,7 @@ def test_quickstart_with_processes_2_on_an_empty_cache(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stderr.count("engine: ddp, 2 processes (gloo, cpu)") == 1, result.stderr  # the main process
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    assert summary["engine"] == ("ddp" if engine == "auto" else "fsdp2") and summary["processes"] == 2 and summary["steps"] == 4
+    assert summary["engine"] == "ddp" and summary["processes"] == 2 and summary["steps"] == 4
     _one_complete_model(cache)
 
 
