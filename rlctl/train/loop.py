@@ -9,7 +9,6 @@ No algorithm lives here: what gets computed is decided by the components' ``requ
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 from rlctl import plugins
 from rlctl.components import stage_needs
 from rlctl.errors import RlctlError
-from rlctl.lora import apply_lora
 from rlctl.metrics import LiveView, MetricsLog, check_trackers, tracker_values
-from rlctl.models import Policy, check_chat_template, load_policy
+from rlctl.models import Policy, load_policy
 from rlctl.recipe import Recipe, Stage, check_stage_components, resolved_dict
 from rlctl.state import TrainState
 from rlctl.train import outputs, rundir
@@ -31,6 +29,7 @@ from rlctl.train.components import build, guarded
 from rlctl.train.engine import make_engine, reduce_metrics
 from rlctl.train.evaluator import Evaluator
 from rlctl.train.learner import BadSteps, Learner
+from rlctl.train.policy_setup import load_run_policy
 from rlctl.train.reference import Reference
 from rlctl.train.rollout_source import PromptSources, RolloutSource
 from rlctl.train.scorer import Scorer
@@ -98,19 +97,8 @@ class Trainer:
 
         # each process samples differently; data order is the same everywhere (PromptStream's own seed)
         set_seed(self.recipe.train.seed, device_specific=True)
-        model_cfg, lora = self.recipe.model, self.recipe.model.lora
-        checkpoint = self.checkpointer.checkpoint
-        if self.resume and lora is None:  # the checkpoint's weights replace the recipe's starting point
-            model_cfg = dataclasses.replace(model_cfg, name=str(checkpoint / "policy"), tiny=None)
-        model, self.tokenizer = load_policy(model_cfg)
-        for stage in self.recipe.stages:
-            spec = stage.components["sampler"]
-            if spec is not None and spec.options.get("chat_template"):
-                check_chat_template(self.tokenizer, model_cfg.name or model_cfg.gguf_file or "tiny",
-                                    f"[{spec.section}]")
-        if lora is not None:  # a checkpoint of a LoRA run holds the adapters only
-            model = apply_lora(model, lora, checkpoint / "policy" if self.resume else None)
-        model.train()
+        lora = self.recipe.model.lora
+        model, self.tokenizer = load_run_policy(self.recipe, self.checkpointer.checkpoint if self.resume else None)
         self.learner = Learner(self.engine, self.engine.prepare_model(model), self.references,
                                self.tokenizer.pad_token_id, self.recipe.train.seed)
         self.rollout_source = RolloutSource(self.engine, self.scorer, self.tokenizer.pad_token_id,
@@ -168,7 +156,8 @@ class Trainer:
                                   self.state.last_metrics, self.eval_results, self.engine.describe())
         try:
             if self.recipe.train.save_final:
-                self._save_final()
+                outputs.save_final_model(self.engine, self.output_dir / "final", self.learner, self.tokenizer,
+                                         (self.recipe.model.lora or {}).get("save", "adapter"))
         finally:
             self.engine.close()
         plugins.hook().rlctl_on_run_end(state=self.state, summary=summary)
@@ -260,16 +249,6 @@ class Trainer:
             data_state=self.stream.state_dict(), eval_results=self.eval_results, bad_steps=self.bad_steps.in_a_row,
             learner=self.learner, tokenizer=self.tokenizer, reference=self.references.model if next_stage_step else None,
             built=built if built is not None else self.state.components)
-
-    def _save_final(self) -> None:
-        engine, head = self.engine, self.learner.value_head
-        state = engine.full_state_dict(self.policy_model) if engine.sharded else None  # every process
-        head_state = engine.full_state_dict(head) if engine.sharded and head is not None else None
-        engine.barrier()
-        if engine.is_main:
-            outputs.save_final(self.output_dir / "final", self.policy_model, self.tokenizer,
-                               head_state if engine.sharded else self.learner.unwrapped_value_head,
-                               (self.recipe.model.lora or {}).get("save", "adapter"), model_state=state)
 
     def _evaluate(self, stage: Stage, built: dict[str, Any], label: str) -> None:
         result = self.evaluator.evaluate(Policy(self.policy_model, self.tokenizer), self.eval_prompts, stage,

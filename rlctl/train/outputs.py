@@ -41,6 +41,17 @@ def save_final(path: Path, policy: Any, tokenizer: Any, value_head: Any, lora_sa
     rundir.install(tmp, path)  # replaces ``path`` only if rlctl wrote it
 
 
+def save_final_model(engine: Any, path: Path, learner: Any, tokenizer: Any, lora_save: str) -> None:
+    """``save_final`` from a run: sharded modules are gathered by every process, the main one writes."""
+    head = learner.value_head
+    state = engine.full_state_dict(learner.policy) if engine.sharded else None
+    head_state = engine.full_state_dict(head) if engine.sharded and head is not None else None
+    engine.barrier()
+    if engine.is_main:
+        save_final(path, learner.policy, tokenizer, head_state if engine.sharded else learner.unwrapped_value_head,
+                   lora_save, model_state=state)
+
+
 def summary(recipe: Recipe, steps: int, seconds: float, last: dict[str, Any],
             eval_results: dict[str, dict[str, float]], engine: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's ``summary.json``: steps, time, the engine used (``Engine.describe``), last metrics and
