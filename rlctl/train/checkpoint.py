@@ -173,12 +173,6 @@ def restore_rng(local: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def load_weights(module: Any, file: Path) -> None:
-    from safetensors.torch import load_model
-
-    load_model(module, str(file))
-
-
 def _to_json(value: Any) -> Any:
     return [_to_json(v) for v in value] if isinstance(value, (tuple, list)) else value
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from rlctl.train import components
 from rlctl.train.checkpoint import (PREFIX, Snapshot, begin_checkpoint, checkpoint_dir, load_process_state,
-                                    load_state, load_weights, pending_dir, process_state, resolve_resume,
+                                    load_state, pending_dir, process_state, resolve_resume,
                                     restore_rng, save_checkpoint)
 from rlctl.train.engine import Engine
 from rlctl.train.learner import Learner
@@ -45,9 +45,9 @@ class Checkpointer:
                         consecutive_bad_steps=bad_steps)
         engine, head = self.engine, learner.value_head
         # sharded modules are gathered by every process (collectives); the main process writes them
-        policy_state = engine.full_state_dict(learner.policy) if engine.sharded else None
-        head_state = engine.full_state_dict(head) if engine.sharded and head is not None else None
-        ref_state = engine.full_state_dict(reference) if engine.sharded and reference is not None else None
+        policy_state = engine.saved_state(learner.policy)
+        head = engine.saveable(head) if head is not None else None
+        reference = engine.saveable(reference) if reference is not None else None
         if engine.is_main:
             begin_checkpoint(self.run_dir, step)
         engine.barrier()
@@ -55,10 +55,8 @@ class Checkpointer:
         engine.barrier()
         path = checkpoint_dir(self.run_dir) / f"{PREFIX}{step:06d}"  # where it ends up, on every process
         if engine.is_main:  # one writer
-            save_checkpoint(self.run_dir, snap, model=learner.policy, tokenizer=tokenizer,
-                                   model_state=policy_state,
-                                   value_head=head_state if engine.sharded else learner.unwrapped_value_head,
-                                   reference=ref_state if engine.sharded else reference, keep=self.keep)
+            save_checkpoint(self.run_dir, snap, model=learner.policy, tokenizer=tokenizer, model_state=policy_state,
+                            value_head=head, reference=reference, keep=self.keep)
         engine.barrier()
         return path
 
@@ -66,9 +64,9 @@ class Checkpointer:
         """Mid-stage: the stage's optimizer, value head, reference, component states and RNG continue."""
         path = self.checkpoint
         if learner.value_head is not None and (path / "value_head.safetensors").exists():
-            self._load(learner.unwrapped_value_head, path / "value_head.safetensors")
+            self.engine.load_weights(learner.value_head, path / "value_head.safetensors")
         if reference.model is not None and (path / "reference.safetensors").exists():
-            self._load(reference.model, path / "reference.safetensors")
+            self.engine.load_weights(reference.model, path / "reference.safetensors")
         self.engine.load_optimizer(learner.trainable, learner.optimizer, path)
         local = self._local()
         components.load_states(built, local["components"])
@@ -77,14 +75,6 @@ class Checkpointer:
     def restore_rng(self, learner: Learner) -> None:
         """At a stage boundary only the RNG states continue."""
         restore_rng(self._local(), learner.rng)
-
-    def _load(self, module: Any, file: Path) -> None:
-        if self.engine.sharded:
-            from safetensors.torch import load_file
-
-            self.engine.load_full_state_dict(module, load_file(str(file)))
-        else:
-            load_weights(module, file)
 
     def _local(self) -> dict[str, Any]:
         return load_process_state(self.checkpoint, self.engine.process_index, self.engine.num_processes)

@@ -130,12 +130,21 @@ class Engine:
         return frozen_copy(model)
 
     # ------------------------------------------------------------------------------ state dicts
-    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The whole module's state on the main process (empty elsewhere); every process calls it."""
-        return self.unwrap(module).state_dict() if self.is_main else {}
+    def saved_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The state to save for ``module`` when the module itself cannot be saved as it is (sharded):
+        every process calls it, the main process gets the whole state. None: save the module itself."""
+        return None
 
-    def load_full_state_dict(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        self.unwrap(module).load_state_dict(state)
+    def saveable(self, module: torch.nn.Module) -> Any:
+        """What the main process saves for ``module``: the module, or its gathered state dict."""
+        state = self.saved_state(module)
+        return self.unwrap(module) if state is None else state
+
+    def load_weights(self, module: torch.nn.Module, file: Path) -> None:
+        """Load a safetensors file written from ``saveable(module)`` into ``module``."""
+        from safetensors.torch import load_model  # handles tied (shared) weights
+
+        load_model(self.unwrap(module), str(file))
 
     def save_optimizer(self, model: torch.nn.Module, optimizer: Any, directory: Path) -> None:
         """Called on every process; the main process writes (the state is the same everywhere)."""

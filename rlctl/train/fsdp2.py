@@ -119,7 +119,7 @@ class FSDP2Engine(Engine):
         return copy
 
     # ------------------------------------------------------------------------------ state dicts
-    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def saved_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The whole module's state on the main process (empty elsewhere); every process must call it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -134,10 +134,12 @@ class FSDP2Engine(Engine):
         duplicates = set(names) - set(first.values())
         return {k: v for k, v in state.items() if k not in duplicates}
 
-    def load_full_state_dict(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, module: torch.nn.Module, file: Path) -> None:
+        """Every process reads the whole file and keeps its shards."""
+        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(module, load_file(str(file)), options=StateDictOptions(full_state_dict=True))
 
     def save_optimizer(self, model: torch.nn.Module, optimizer: Any, directory: Path) -> None:
         """Every process writes its shard of the optimizer state (``torch.distributed.checkpoint``)."""

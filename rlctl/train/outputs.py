@@ -43,13 +43,11 @@ def save_final(path: Path, policy: Any, tokenizer: Any, value_head: Any, lora_sa
 
 def save_final_model(engine: Any, path: Path, learner: Any, tokenizer: Any, lora_save: str) -> None:
     """``save_final`` from a run: sharded modules are gathered by every process, the main one writes."""
-    head = learner.value_head
-    state = engine.full_state_dict(learner.policy) if engine.sharded else None
-    head_state = engine.full_state_dict(head) if engine.sharded and head is not None else None
+    state = engine.saved_state(learner.policy)
+    head = engine.saveable(learner.value_head) if learner.value_head is not None else None
     engine.barrier()
     if engine.is_main:
-        save_final(path, learner.policy, tokenizer, head_state if engine.sharded else learner.unwrapped_value_head,
-                   lora_save, model_state=state)
+        save_final(path, learner.policy, tokenizer, head, lora_save, model_state=state)
 
 
 def summary(recipe: Recipe, steps: int, seconds: float, last: dict[str, Any],
