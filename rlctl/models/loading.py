@@ -89,7 +89,7 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _offline():
         return False
     try:
         from huggingface_hub import constants
@@ -138,12 +138,15 @@ class _hub_errors:
         if Path(name).expanduser().is_dir():
             raise RecipeError(f"[model] name = {name!r}: the directory is not a loadable model "
                               f"({_first_line(exc)})") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = ("HF_HUB_OFFLINE is set" if offline else
+        reason = ("HF_HUB_OFFLINE is set" if _offline() else
                   "the Hugging Face Hub could not be reached or has no such model")
         raise RecipeError(f"[model] name = {name!r}: not a local directory, and it could not be fetched ({reason}); "
                           "no model was downloaded. On a machine with network run `huggingface-cli download "
                           f"{name} --local-dir DIR` and set [model] name = \"DIR\"") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def _first_line(exc: BaseException) -> str:
