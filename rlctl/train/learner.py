@@ -26,6 +26,7 @@ from rlctl.recipe import ComponentSpec, Stage
 from rlctl.rollouts import Rollouts
 from rlctl.train.components import guarded
 from rlctl.train.engine import Engine, gather_rollouts
+from rlctl.train.parity import Parity
 from rlctl.train.reference import Reference
 
 
@@ -89,10 +90,14 @@ class Learner:
                 rollouts.values = old.values
             if self.reference.in_use:
                 rollouts.ref_logprobs = self.reference.logprobs(rollouts)
+        parity = Parity() if rollouts.behavior_logprobs is not None else None
+        if parity is not None and rollouts.old_logprobs is not None:  # scored with the sampling weights
+            parity.add(rollouts.old_logprobs, rollouts.behavior_logprobs, rollouts.completion_mask)
         if "advantages" in needs:
             rollouts.advantages = self.advantages(rollouts, built["advantage"], specs["advantage"])
             metrics.update(getattr(built["advantage"], "last_stats", None) or {})  # e.g. a KL in the reward
-        return self.update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass)
+        stats = self.update(rollouts, built["loss"], specs["loss"], needs, t, on_policy_single_pass, parity)
+        return {**stats, **(parity.metrics() if parity is not None else {})}
 
     def advantages(self, rollouts: Rollouts, advantage: Any, spec: ComponentSpec) -> torch.Tensor:
         """Advantages computed on the batch of all processes, so they never depend on the split."""
@@ -110,8 +115,13 @@ class Learner:
             return score_completions(self.model, rollouts, self.value_head if values else None, entropy)
 
     def update(self, rollouts: Rollouts, loss_fn: Any, spec: ComponentSpec, needs: set[str], t: Any,
-               on_policy_single_pass: bool) -> dict[str, float]:
-        """Optimizer steps over mini-batches, each accumulated over micro-batches."""
+               on_policy_single_pass: bool, parity: Parity | None = None) -> dict[str, float]:
+        """Optimizer steps over mini-batches, each accumulated over micro-batches.
+
+        ``parity``, when the batch has behaviour log-probs and no earlier pass scored it, is fed the
+        first mini-batch's log-probs: the only ones computed with the weights that sampled it.
+        """
+        parity = parity if parity is not None and parity.tokens == 0 else None
         stats_sum: dict[str, float] = {}
         loss_sum, micro_count, steps, skipped, norm_sum = 0.0, 0, 0, 0, 0.0
         world = self.engine.num_processes
@@ -128,6 +138,8 @@ class Learner:
                         out = self.forward(micro, grad=True, values="values" in needs, entropy="entropy" in needs)
                         if on_policy_single_pass and "old_logprobs" in needs:
                             micro.old_logprobs = out.logprobs.detach()  # same weights: no second forward
+                        if parity is not None and steps == 0:
+                            parity.add(out.logprobs, micro.behavior_logprobs, micro.completion_mask)
                         extra = {}
                         if out.entropy is not None:
                             extra["entropy"] = out.entropy

@@ -18,14 +18,14 @@ import torch
 
 from rlctl import plugins
 from rlctl.components import stage_needs
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, RolloutsUnavailable
 from rlctl.metrics import LiveView, MetricsLog, check_trackers, tracker_values
 from rlctl.models import Policy, load_policy
 from rlctl.recipe import Recipe, Stage, check_stage_components, resolved_dict
 from rlctl.state import TrainState
 from rlctl.train import outputs, rundir
 from rlctl.train.checkpointer import Checkpointer, truncate_metrics
-from rlctl.train.components import build, guarded
+from rlctl.train.components import build, close_components, guarded
 from rlctl.train.engine import make_engine, reduce_metrics
 from rlctl.train.evaluator import Evaluator
 from rlctl.train.learner import BadSteps, Learner
@@ -180,24 +180,37 @@ class Trainer:
             self.checkpointer.restore_stage(self.learner, self.references, built)
         elif self.resume and index == self.checkpointer.resumed["stage_index"]:
             self.checkpointer.restore_rng(self.learner)
-        for stage_step in range(start_step, stage.steps):
-            self.state.stage_step = stage_step
+        try:
+            for stage_step in range(start_step, stage.steps):
+                self._stage_step(index, stage, built, needs, stage_step)
+        finally:
+            close_components(built)  # e.g. an inference engine or the rollout server a sampler started
+
+    def _stage_step(self, index: int, stage: Stage, built: dict[str, Any], needs: set[str], stage_step: int) -> None:
+        self.state.stage_step = stage_step
+        data_before = self.stream.state_dict()
+        try:
             self._step(stage, built, needs)
-            self.state.step += 1
-            last = stage_step + 1 == stage.steps
-            every = self.recipe.eval.every
-            if every and self.state.step % every == 0 and not last:
-                self._evaluate(stage, built, label=f"step{self.state.step}")
-            if last and self.eval_prompts:
-                self._evaluate(stage, built, label=stage.name)
-            periodic = self.recipe.train.save_every and self.state.step % self.recipe.train.save_every == 0
-            if periodic or (last and index == len(self.recipe.stages) - 1) or self.stop.requested:
-                where = self._save_checkpoint(index, stage_step + 1, built)
-            if self.stop.requested:
-                raise Interrupted(
-                    f"interrupted after step {self.state.step}; checkpoint written to {where}. Resume with: "
-                    f"rlctl run {self.recipe.source} --output-dir {self.output_dir} --resume latest"
-                    + (f" --processes {self.engine.num_processes}" if self.engine.num_processes > 1 else ""))
+        except RolloutsUnavailable as exc:  # nothing of this step was learned: resume takes it again
+            where = self._save_checkpoint(index, stage_step, built, data_state=data_before)
+            raise RolloutsUnavailable(f"{exc}; checkpoint written to {where}. {self._resume_hint()}") from exc
+        self.state.step += 1
+        last = stage_step + 1 == stage.steps
+        every = self.recipe.eval.every
+        if every and self.state.step % every == 0 and not last:
+            self._evaluate(stage, built, label=f"step{self.state.step}")
+        if last and self.eval_prompts:
+            self._evaluate(stage, built, label=stage.name)
+        periodic = self.recipe.train.save_every and self.state.step % self.recipe.train.save_every == 0
+        if periodic or (last and index == len(self.recipe.stages) - 1) or self.stop.requested:
+            where = self._save_checkpoint(index, stage_step + 1, built)
+        if self.stop.requested:
+            raise Interrupted(f"interrupted after step {self.state.step}; checkpoint written to {where}. "
+                              + self._resume_hint())
+
+    def _resume_hint(self) -> str:
+        return (f"Resume with: rlctl run {self.recipe.source} --output-dir {self.output_dir} --resume latest"
+                + (f" --processes {self.engine.num_processes}" if self.engine.num_processes > 1 else ""))
 
     # ---------------------------------------------------------------------------------- a step
     def _step(self, stage: Stage, built: dict[str, Any], needs: set[str]) -> None:
@@ -241,12 +254,12 @@ class Trainer:
             raise self.bad_steps.abort(where)
 
     def _save_checkpoint(self, stage_index: int, next_stage_step: int, built: dict[str, Any] | None,
-                         step: int | None = None) -> Path | None:
+                         step: int | None = None, data_state: dict[str, int] | None = None) -> Path | None:
         if next_stage_step >= self.recipe.stages[stage_index].steps:  # done: resume at the next stage
             stage_index, next_stage_step = stage_index + 1, 0
         return self.checkpointer.save(
             step=self.state.step if step is None else step, stage_index=stage_index, stage_step=next_stage_step,
-            data_state=self.stream.state_dict(), eval_results=self.eval_results, bad_steps=self.bad_steps.in_a_row,
+            data_state=data_state or self.stream.state_dict(), eval_results=self.eval_results, bad_steps=self.bad_steps.in_a_row,
             learner=self.learner, tokenizer=self.tokenizer, reference=self.references.model if next_stage_step else None,
             built=built if built is not None else self.state.components)
 
