@@ -9,6 +9,7 @@ import torch
 from rlctl.hookspecs import hookimpl
 from rlctl.ops import AGGREGATIONS, aggregate, kl_penalty, masked_mean
 from rlctl.rollouts import Rollouts
+from rlctl_plugins.behavior_correction import BehaviorCorrection
 
 RATIO_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -28,7 +29,9 @@ class ClippedPolicyLoss:
     MOBA Games with Deep Reinforcement Learning").
     ``tis_cap`` = C > 0 (0 = off): truncated importance sampling; the surrogate is weighted by
     min(pi_old / mu, C) with mu the sampler's log-probs (``behavior_logprobs``), correcting a mismatch
-    between the generation engine and the trainer.
+    between the generation engine and the trainer. ``tis_level = "sequence"`` truncates each sequence's
+    product of ratios instead; ``mask_low`` / ``mask_high`` drop tokens whose ratio leaves that range
+    (masked IS, IcePop). See ``behavior_correction.py``.
     ``kl_coef`` > 0 adds ``kl_coef * KL(pi || pi_ref)`` per token with estimator k1, k2 or k3 (needs a
     reference model); ``entropy_coef`` > 0 rewards entropy (a bonus), < 0 penalises it.
     """
@@ -36,7 +39,8 @@ class ClippedPolicyLoss:
     def __init__(self, clip_low: float = 0.2, clip_high: float | None = None,
                  aggregation: str = "token-mean", normalizer: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-                 ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0):
+                 ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0,
+                 tis_level: str = "token", mask_low: float = 0.0, mask_high: float = 0.0):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation = {aggregation!r}: accepted values are {', '.join(AGGREGATIONS)}")
         if aggregation == "constant" and not normalizer:
@@ -49,8 +53,7 @@ class ClippedPolicyLoss:
             raise ValueError(f"ratio_level = {ratio_level!r}: accepted values are {', '.join(RATIO_LEVELS)}")
         if dual_clip and dual_clip <= 1:
             raise ValueError(f"dual_clip = {dual_clip}: accepted values are 0 (off) or > 1")
-        if tis_cap < 0:
-            raise ValueError(f"tis_cap = {tis_cap}: accepted values are 0 (off) or > 0")
+        self.behavior_correction = BehaviorCorrection(tis_cap, tis_level, mask_low, mask_high)
         self.clip_low = clip_low
         self.clip_high = clip_low if clip_high is None else clip_high
         self.aggregation = aggregation
@@ -69,7 +72,7 @@ class ClippedPolicyLoss:
             needs.append("ref_logprobs")
         if self.entropy_coef:
             needs.append("entropy")
-        if self.tis_cap:
+        if self.behavior_correction.active:
             needs.append("behavior_logprobs")
         return tuple(needs)
 
@@ -93,13 +96,10 @@ class ClippedPolicyLoss:
             capped = (adv < 0) & (per_token > cap)
             per_token = torch.where(capped, cap, per_token)
             stats["dual_clip_frac"] = masked_mean(capped.float(), mask).item()
-        if self.tis_cap:
-            if rollouts.behavior_logprobs is None:
-                raise ValueError("tis_cap needs the sampler's log-probs (rollouts.behavior_logprobs); "
-                                 "use a sampler that records them or set tis_cap = 0")
-            weight = torch.exp(rollouts.old_logprobs - rollouts.behavior_logprobs).clamp(max=self.tis_cap)
-            per_token = per_token * weight.detach()
-            stats["tis_weight_mean"] = masked_mean(weight.detach(), mask).item()
+        if self.behavior_correction.active:
+            weight, correction_stats = self.behavior_correction.weights(rollouts, mask)
+            per_token = per_token * weight
+            stats.update(correction_stats)
         if self.kl_coef:
             kl = kl_penalty(logprobs, rollouts.ref_logprobs, self.kl_estimator)
             per_token = per_token + self.kl_coef * kl
@@ -129,9 +129,11 @@ class GSPOLoss(ClippedPolicyLoss):
     def __init__(self, clip_low: float = 3e-4, clip_high: float | None = 4e-4,
                  aggregation: str = "seq-mean-token-mean", normalizer: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-                 dual_clip: float = 0.0, tis_cap: float = 0.0):
+                 dual_clip: float = 0.0, tis_cap: float = 0.0, tis_level: str = "token",
+                 mask_low: float = 0.0, mask_high: float = 0.0):
         super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
-                         ratio_level="sequence", dual_clip=dual_clip, tis_cap=tis_cap)
+                         ratio_level="sequence", dual_clip=dual_clip, tis_cap=tis_cap, tis_level=tis_level,
+                         mask_low=mask_low, mask_high=mask_high)
 
 
 class NGRPOClipLoss(ClippedPolicyLoss):

@@ -169,6 +169,30 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
                       f"{len(parsed.stages)} stage(s))", highlight=False)
 
 
+@cli.command(name="check-parity")
+@click.argument("recipe")
+@set_option
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Steps to run in each stage (the first compares the checkpoint; later ones the pushed weights).")
+@click.option("--tolerance", type=float, default=1e-2, show_default=True,
+              help="Largest accepted |log p_sampler - log p_trainer| of one token, in nats.")
+def check_parity(recipe: str, overrides: tuple[str, ...], steps: int, tolerance: float) -> None:
+    """Measure how far RECIPE's sampler's log-probs are from the trainer's (e.g. vLLM's), in a short run."""
+    from rlctl.parity_check import COLUMNS, measure, verdict
+
+    rows = measure(_recipe_path(recipe), overrides, steps)
+    table = Table(show_header=True, header_style="bold")
+    for column in ("step", "stage", "mean |gap|", "max |gap|", "seq ratio min", "seq ratio max"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(str(r["step"]), str(r.get("stage", "")), *(f"{r[c]:.3g}" for c in COLUMNS))
+    console.print(table)
+    ok, line = verdict(rows, tolerance)
+    if not ok:
+        raise RlctlError(line)
+    console.print(f"[green]{line}[/]", highlight=False)
+
+
 @cli.command(name="plugins")
 @click.option("--kind", type=click.Choice(["sampler", "reward", "advantage", "loss", "scheduler"]),
               help="Only this kind of component.")

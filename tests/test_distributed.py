@@ -168,5 +168,9 @@ def test_two_processes_match_one(sampler, aggregation, split, tiny_model_dir, tm
     w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     w0 = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any((w1[k] - w0[k]).abs().max() > 1e-4 for k in w1)  # training moved the weights
+    # Adam divides each update by sqrt(v): for a gradient element near zero, the float32 rounding of two
+    # processes' all-reduce against one process's sum becomes an update difference of up to a few 1e-5
+    # (seen: 1.7e-5 on one element, against 2e-2 of movement); a wrong normalisation moves whole tensors
+    # by a sizeable fraction of the movement.
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(w2[key], w1[key], atol=5e-5, rtol=1e-4, msg=key)

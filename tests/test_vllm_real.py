@@ -39,7 +39,8 @@ def trainer_logprobs(model, sequence: list[int]) -> torch.Tensor:
 
 def engine_gap(engine, model, sequence: list[int]) -> float:
     """max |log p_vllm - log p_trainer| over a fixed sequence's tokens."""
-    return float((trainer_logprobs(model, sequence) - torch.tensor(engine.sequence_logprobs([sequence])[0])).abs().max())
+    served = torch.tensor(engine.sequence_logprobs([sequence])[0])
+    return float((trainer_logprobs(model, sequence) - served).abs().max())
 
 
 def rollout_gap(policy, rollouts) -> float:
@@ -174,13 +175,30 @@ def test_server_tags_versions_and_survives_a_crash(tiny_dir):
                                  min_tokens=0, seeds=[3])
         assert len(groups) == 1 and len(groups[0]) == 2  # and the reply carried version 7 (checked inside)
 
+        first_group = server.process.pid  # the server leads a process group holding vLLM's processes
         os.kill(server.process.pid, signal.SIGKILL)  # the server dies mid-run
         server.process.wait()
         assert engine_gap(server, policy.model, sequence) < 1e-4  # restarted, version 7 pushed again
         assert server.restarts == 1 and server.health()["version"] == 7
+        second_group = server.process.pid
     finally:
         server.close()
     assert server.process is None
+    for group in (first_group, second_group):  # no engine process outlives its server
+        assert group_gone(group), f"processes of group {group} are still running"
+
+
+def group_gone(pgid: int, wait_s: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_training_run_with_a_server_rlctl_starts(tmp_path, tiny_dir):

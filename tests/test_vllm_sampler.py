@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from rlctl.errors import RlctlError
 from rlctl.generation import encode_prompts, generate
-from rlctl.models import Policy, score_completions
+from rlctl.models import score_completions
 from rlctl.rollouts import Prompt
 from rlctl.testing import run_recipe, tiny_model, tiny_policy
-from rlctl.errors import RlctlError
 from rlctl_plugins.vllm_sampler import VLLMSampler, rollouts_from_completions, weights_version
 from rlctl_plugins.vllm_sampler.engine import completions
 
@@ -180,3 +180,16 @@ def test_a_skipped_weight_push_shows_in_the_parity_metric(tmp_path, monkeypatch)
     _, rows = run_with_stand_in(tmp_path, monkeypatch, push=False)
     assert rows[0]["parity_logp_max_abs"] < 1e-4  # the same weights before the first update ...
     assert max(r["parity_logp_max_abs"] for r in rows[1:]) > 1e-3  # ... stale ones after it
+
+
+def test_a_vllm_too_old_is_one_line(policy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.9.2"))
+    with pytest.raises(RlctlError, match=r"vLLM 0.9.2 is too old for the \"vllm\" sampler: it needs >= 0.11"):
+        VLLMSampler(max_new_tokens=4).sample(policy, [Prompt("1+1=")], 2)
+
+
+def test_bad_server_values_name_the_key():
+    with pytest.raises(ValueError, match=r"server = 'localhost:8000': must be"):
+        VLLMSampler(server="localhost:8000")
+    with pytest.raises(ValueError, match="kv_cache_gib = -1"):
+        VLLMSampler(kv_cache_gib=-1)

@@ -13,6 +13,7 @@ import atexit
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,7 @@ class ServerEngine:
             return False
         print(f"warning: the rollout server (pid {self.process.pid}) exited with code "
               f"{self.process.returncode}; starting it again", file=sys.stderr, flush=True)
+        stop_server(self.process)  # its engine processes may have outlived it
         self.process, self.url = self.launcher()
         self.restarts += 1
         if self.weights_path is not None and self.version is not None:
@@ -176,11 +178,19 @@ def start_server(args: list[str], startup_timeout: float) -> tuple[subprocess.Po
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
+    """Stop the server and everything it started: vLLM's engine core and workers are its children, in
+    its process group (``start_new_session``), and outlive a server that is killed alone."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group (an engine core, workers)
+    except ProcessLookupError:
+        pass
+    if process.poll() is None:
         process.wait()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,6 +119,9 @@ def serve(args: argparse.Namespace) -> None:
         tmp.write_text(str(port))
         tmp.replace(args.port_file)
     print(f"rlctl rollout server: {args.model} on http://{args.host}:{port}", flush=True)
+    # SIGTERM (how the sampler stops a server it started) ends serve_forever like Ctrl-C, so the engine
+    # shuts its own processes down below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         httpd.serve_forever()
     finally:

@@ -259,8 +259,9 @@ class Trainer:
             stage_index, next_stage_step = stage_index + 1, 0
         return self.checkpointer.save(
             step=self.state.step if step is None else step, stage_index=stage_index, stage_step=next_stage_step,
-            data_state=data_state or self.stream.state_dict(), eval_results=self.eval_results, bad_steps=self.bad_steps.in_a_row,
-            learner=self.learner, tokenizer=self.tokenizer, reference=self.references.model if next_stage_step else None,
+            data_state=data_state or self.stream.state_dict(), eval_results=self.eval_results,
+            bad_steps=self.bad_steps.in_a_row, learner=self.learner, tokenizer=self.tokenizer,
+            reference=self.references.model if next_stage_step else None,
             built=built if built is not None else self.state.components)
 
     def _evaluate(self, stage: Stage, built: dict[str, Any], label: str) -> None:
