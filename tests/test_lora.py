@@ -78,3 +78,27 @@ def test_lora_options_are_checked(tiny_model_dir, tmp_path):
         load_recipe(write_recipe(tmp_path, text))
     with pytest.raises(RecipeError, match=r"\[model.lora\] save = 'both': expected one of 'adapter', 'merged'"):
         load_recipe(write_recipe(tmp_path, lora_recipe(tiny_model_dir, save="both")))
+
+
+def test_merged_parameters_serve_the_adapted_policy(tmp_path):
+    """A plain base model loaded with ``merged_parameters`` computes what the adapted model computes:
+    what an inference engine holding the base checkpoint is given after each update (``vllm`` sampler)."""
+    from rlctl.models.lora import apply_lora, merged_parameters
+    from rlctl.testing import tiny_policy
+
+    policy = tiny_policy(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=2)
+    base_copy = tiny_policy(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=2).model
+    adapted = apply_lora(policy.model, {"r": 4, "alpha": 8})
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))  # B starts at zero: make the adapters do something
+    merged = merged_parameters(adapted)
+    assert not any("lora_" in n or "base_layer" in n for n in merged)
+    assert set(merged) == {n for n, _ in base_copy.named_parameters()}
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        before = base_copy(ids).logits
+        base_copy.load_state_dict(merged, strict=False)
+        torch.testing.assert_close(base_copy(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-4)
+    assert (before - base_copy(ids).logits).abs().max() > 1e-3  # the adapters changed the output

@@ -154,6 +154,17 @@ def test_training_run_logs_parity_and_stays_on_policy(tmp_path, tiny_dir):
         assert r["parity_seq_ratio_min"] == pytest.approx(1.0, abs=1e-3) == r["parity_seq_ratio_max"]
 
 
+def test_lora_training_run_pushes_merged_adapters(tmp_path, tiny_dir):
+    """The engine serves the base checkpoint; after each update it gets base + adapters merged, so the
+    parity stays at kernel noise while the adapters (lr 0.05) move the policy far from the base."""
+    rows = run_recipe("recipes/grpo.toml", steps=3, model=tiny_dir, output_dir=tmp_path / "run", overrides=[
+        'sampler.use="vllm"', "sampler.max_new_tokens=8", "sampler.max_model_len=512", "sampler.kv_cache_gib=1",
+        "sampler.enforce_eager=true", "train.prompts_per_step=2", "train.group_size=4", "train.lr=0.05",
+        "model.lora.r=4", "model.lora.alpha=8"])
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3 and all(r["parity_logp_max_abs"] < 1e-4 for r in steps), steps
+
+
 # --------------------------------------------------------------------------- the rollout server
 def test_server_tags_versions_and_survives_a_crash(tiny_dir):
     from rlctl_plugins.vllm_sampler.client import ServerEngine

@@ -71,8 +71,7 @@ class VLLMSampler(HFGenerateSampler):
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             raise RlctlError('the "vllm" sampler runs in one process; launch without --processes/torchrun')
-        if hasattr(policy.model, "peft_config"):
-            raise RlctlError('the "vllm" sampler does not support [model.lora]; use the "hf" sampler')
+        # [model.lora]: the engine serves the base checkpoint; every push carries the adapters merged in
         source = getattr(policy.model, "name_or_path", "") or policy.model.config._name_or_path
         dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
         options = dict(seed=self.seed, max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib,
@@ -97,8 +96,12 @@ class VLLMSampler(HFGenerateSampler):
         version = weights_version(policy.model)
         if version == self._synced_version:
             return
-        # an engine that loaded the checkpoint itself needs no push before the first batch
-        loaded_itself = self._synced_version is None and not (self.server and self.server != "auto")
+        # an engine that loaded the checkpoint itself needs no push before the first batch; a LoRA policy's
+        # engine loaded only the base (a resumed run's adapters are not zero), a URL server whatever it had
+        from rlctl.models.lora import is_lora
+
+        loaded_itself = (self._synced_version is None and not (self.server and self.server != "auto")
+                         and not is_lora(policy.model))
         if not loaded_itself:
             with weights_file(policy.model) as path:
                 self.engine.load_weights(path, version)

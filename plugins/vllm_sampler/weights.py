@@ -24,14 +24,18 @@ def shared_memory_dir() -> Path:
 
 @contextmanager
 def weights_file(model: torch.nn.Module) -> Iterator[Path]:
-    """Write every parameter (tied ones once, as ``named_parameters`` lists them); removed afterwards."""
+    """Write every parameter (tied ones once, as ``named_parameters`` lists them; a LoRA policy's with its
+    adapters merged, under the base model's names); removed afterwards."""
     from safetensors.torch import save_file
 
     fd, name = tempfile.mkstemp(prefix="rlctl-weights-", suffix=".safetensors", dir=shared_memory_dir())
     os.close(fd)
     path = Path(name)
     try:
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
+        from rlctl.models.lora import is_lora, merged_parameters
+
+        named = merged_parameters(model) if is_lora(model) else dict(model.named_parameters())
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in named.items()}
         save_file(tensors, str(path))
         yield path
     finally:

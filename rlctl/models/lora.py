@@ -65,3 +65,27 @@ def save_lora(model: Any, tokenizer: Any, path: Path, mode: str) -> None:
     else:
         model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+def merged_parameters(model: Any) -> dict[str, Any]:
+    """The base model's parameters under their own names with the active adapters merged in
+    (W + scale * B A per adapted layer), without copying the model: what an inference engine that
+    loaded the base checkpoint needs to serve the adapted policy."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged: dict[str, Any] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            weight = module.base_layer.weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).detach().to(weight.dtype)
+            merged[f"{name}.weight"] = weight
+            if getattr(module.base_layer, "bias", None) is not None:
+                merged[f"{name}.bias"] = module.base_layer.bias.detach()
+    for name, param in base.named_parameters():
+        if "lora_" in name or ".base_layer." in name:
+            continue
+        merged.setdefault(name, param.detach())
+    return merged
