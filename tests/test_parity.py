@@ -60,3 +60,19 @@ def test_a_run_with_behaviour_logprobs_logs_parity(tmp_path, mini_batches):
         else:
             assert r["parity_logp_max_abs"] < 1e-5
             assert r["parity_seq_ratio_min"] == pytest.approx(1.0, abs=1e-4) == r["parity_seq_ratio_max"]
+
+
+def test_processes_report_the_extremes_of_their_extremes():
+    """Two processes: the largest gap and the widest ratio range of either, the mean of the means."""
+    from types import SimpleNamespace
+
+    from rlctl.train.engine import reduce_metrics
+
+    mine = {"step": 3, "parity_logp_mean_abs": 0.1, "parity_logp_max_abs": 0.5,
+            "parity_seq_ratio_min": 0.9, "parity_seq_ratio_max": 1.2}
+    other = {"step": 3, "parity_logp_mean_abs": 0.3, "parity_logp_max_abs": 2.0,
+             "parity_seq_ratio_min": 0.4, "parity_seq_ratio_max": 1.1}
+    engine = SimpleNamespace(num_processes=2, gather_objects=lambda m: [m, other])
+    out = reduce_metrics(engine, mine)
+    assert out["parity_logp_mean_abs"] == pytest.approx(0.2)
+    assert (out["parity_logp_max_abs"], out["parity_seq_ratio_min"], out["parity_seq_ratio_max"]) == (2.0, 0.4, 1.2)

@@ -22,6 +22,9 @@ from rlctl.rollouts import Rollouts
 
 # metrics that add up over processes (the rest are averaged)
 SUMMED = ("tokens", "samples", "tokens_per_s")
+# extremes over processes, not means: the largest gap anywhere is what a parity check must see
+MAXIMA = ("parity_logp_max_abs", "parity_seq_ratio_max")
+MINIMA = ("parity_seq_ratio_min",)
 
 
 class Engine:
@@ -199,13 +202,17 @@ def gather_rollouts(engine: Engine, local: Rollouts, pad_token_id: int) -> tuple
 
 
 def reduce_metrics(engine: Engine, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Average numeric metrics over processes (sums for counts and throughput)."""
+    """Average numeric metrics over processes (sums for counts and throughput, extremes for maxima/minima)."""
     if engine.num_processes == 1:
         return metrics
     everyone = engine.gather_objects(metrics)
     out = dict(metrics)
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            if key in MAXIMA or key in MINIMA:  # a process without the key contributes nothing
+                present = [float(m[key]) for m in everyone if key in m]
+                out[key] = max(present) if key in MAXIMA else min(present)
+                continue
             values = [m.get(key, 0.0) for m in everyone]
             total = float(sum(values))
             out[key] = total if key in SUMMED or key.endswith("/failed") else total / len(values)

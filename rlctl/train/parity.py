@@ -6,7 +6,8 @@ weights and temperature, an on-policy sampler should agree up to kernel noise; a
 skipped, a wrong dtype or a tokenizer mismatch shows up here first, long before the learning curve bends.
 (For the nested sampler the gap is by design: it measures how off-policy its shallow policy is.)
 
-Logged each step when the batch has behaviour log-probs:
+Logged each step when the batch has behaviour log-probs (with several processes: the mean of their
+means, and the extremes of their extremes, ``rlctl.train.engine.reduce_metrics``):
 
 ``parity_logp_mean_abs``  mean over completion tokens of ``|log p_sampler - log p_trainer|``
 ``parity_logp_max_abs``   the largest such difference in the batch
@@ -31,10 +32,10 @@ class Parity:
 
     def add(self, trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
         """``trainer``, ``sampler``: ``[N, T]`` log-probs of the same sampled tokens; ``mask`` marks them."""
-        mask = mask.to(torch.float32)
-        diff = (trainer.detach().float() - sampler.float()) * mask
         if not mask.any():
             return
+        mask = mask.to(torch.float32)
+        diff = (trainer.detach().float() - sampler.float()) * mask
         self.abs_sum += float(diff.abs().sum())
         self.tokens += int(mask.sum())
         self.abs_max = max(self.abs_max, float(diff.abs().max()))
