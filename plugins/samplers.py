@@ -17,7 +17,7 @@ class HFGenerateSampler:
 
     def __init__(self, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, min_new_tokens: int = 0, chat_template: bool = False,
-                 batch_size: int = 0):
+                 batch_size: int = 0, record_logprobs: bool = False):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
         if temperature <= 0:
@@ -33,12 +33,19 @@ class HFGenerateSampler:
         self.min_new_tokens = min_new_tokens
         self.chat_template = chat_template
         self.batch_size = batch_size  # prompts per generate call; 0 = all at once
+        # behaviour log-probs from the decoding step itself (rlctl's own decoding loop; a rollout worker
+        # turns this on, so that off-policy corrections need no extra forward)
+        self.record_logprobs = record_logprobs
+
+    @property
+    def provides(self) -> tuple[str, ...]:
+        return ("behavior_logprobs",) if self.record_logprobs else ()
 
     def sample(self, policy: Policy, prompts: Sequence[Prompt], group_size: int) -> Rollouts:
         return generate(policy, prompts, group_size, max_new_tokens=self.max_new_tokens, do_sample=True,
                         temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                         min_new_tokens=self.min_new_tokens, chat_template=self.chat_template,
-                        batch_size=self.batch_size)
+                        batch_size=self.batch_size, record_logprobs=self.record_logprobs)
 
 
 class DemonstrationSampler:

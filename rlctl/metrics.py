@@ -17,7 +17,8 @@ from rich.table import Table
 LIVE_FIELDS = (("reward", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss", "loss"),
                ("tokens_per_s", "tok/s"))
 # metrics that depend on wall-clock time (excluded when comparing runs for determinism)
-TIMING_FIELDS = frozenset({"tokens_per_s", "step_time", "sample_time", "update_time", "time"})
+TIMING_FIELDS = frozenset({"tokens_per_s", "step_time", "sample_time", "update_time", "time", "samples_per_s",
+                           "learner_tokens_per_s", "rollout_wait_time", "learner_idle_frac", "worker_idle_frac"})
 
 
 # tracker name -> the package it needs (logged through accelerate's tracker API)

@@ -269,3 +269,20 @@ def test_the_shipped_real_model_recipe_runs(tmp_path):
     assert [r["step"] for r in steps] == [0, 1] and all(r["samples"] == 16 for r in steps)
     assert [r["eval"] for r in rows if "eval" in r] == ["start", "main"]
     assert all(0.0 <= r["reward/math_verify"] <= 1.0 for r in steps)
+
+
+# -------------------------------------------------------------------------- asynchronous rollouts
+def test_async_rollouts_on_the_real_model_with_lora(real_model_dir, tmp_path):
+    """A rollout worker process samples SmolLM2 (LoRA adapters merged into its plain copy) one step
+    ahead: its log-probs equal the learner's while the versions agree, and the gap shows once stale."""
+    probe = _Probe()
+    with testing.registered(probe):
+        text = _recipe(f'name = "{real_model_dir}"\nlora = {{ r = 4, alpha = 8, target_modules = ["q_proj", "v_proj"] }}',
+                       extra="max_staleness = 1").replace("steps = 1\nlr = 1e-5", "steps = 3\nlr = 1e-3")
+        Trainer(parse_recipe(testing._read_recipe(text)[0]), output_dir=tmp_path / "run", show_progress=False).run()
+    rows = probe.metrics
+    # step 0 waits for its batch; step 1's was sampled by the initial weights while step 0 learned
+    assert [r["staleness_max"] for r in rows[:2]] == [0, 1] and rows[2]["staleness_max"] <= 1
+    assert rows[0]["parity_logp_max_abs"] < 1e-3  # same version: the worker's copy is the learner's policy
+    assert rows[1]["parity_logp_mean_abs"] > 10 * rows[0]["parity_logp_mean_abs"]  # one update behind
+    assert all(r["samples"] == 8 for r in rows)

@@ -31,6 +31,9 @@ class VLLMSampler(HFGenerateSampler):
     """Sample with vLLM (colocated, or a rollout server); weights are pushed after every update."""
 
     provides = ("behavior_logprobs",)
+    # not inside rlctl's rollout worker (max_staleness > 0): vLLM starts processes of its own, which a
+    # daemon worker process may not; its rollout server is the way to overlap sampling and training
+    runs_in_worker = False
 
     def __init__(self, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, min_new_tokens: int = 0, chat_template: bool = False,

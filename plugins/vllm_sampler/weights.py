@@ -10,16 +10,12 @@ from typing import Iterator
 
 import torch
 
+from rlctl.train.weight_sync import policy_tensors, shared_memory_dir
+
 
 def weights_version(model: torch.nn.Module) -> int:
     """Sum of the in-place version counters of the trainable parameters: changes with every optimizer step."""
     return sum(p._version for p in model.parameters() if p.requires_grad)
-
-
-def shared_memory_dir() -> Path:
-    """``/dev/shm`` (RAM, no disk writes) where it exists, else the temporary directory."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
 @contextmanager
@@ -32,11 +28,7 @@ def weights_file(model: torch.nn.Module) -> Iterator[Path]:
     os.close(fd)
     path = Path(name)
     try:
-        from rlctl.models.lora import is_lora, merged_parameters
-
-        named = merged_parameters(model) if is_lora(model) else dict(model.named_parameters())
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in named.items()}
-        save_file(tensors, str(path))
+        save_file(policy_tensors(model), str(path))
         yield path
     finally:
         path.unlink(missing_ok=True)

@@ -60,6 +60,8 @@ def _check_requirements(stage: Stage, built: dict[str, Any], problems: list[str]
                         "(e.g. use = \"exact\")")
     sampler = stage.components["sampler"]
     provided = set(getattr(built.get("sampler"), "provides", ()) or ())
+    if stage.train.max_staleness > 0:  # the rollout worker records them for any sampler (async_source.py)
+        provided.add("behavior_logprobs")
     if "behavior_logprobs" in needs and "behavior_logprobs" not in provided and sampler is not None:
         problems.append(f"{label}: a component needs behaviour log-probs, but [sampler] use = "
                         f"{sampler.use!r} does not record them (its `provides` lacks 'behavior_logprobs')")

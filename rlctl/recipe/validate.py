@@ -226,6 +226,12 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
             problems.append(f"{where} max_grad_norm = {st.max_grad_norm}: must be >= 0 (0 disables clipping)")
         if st.micro_batch_size < 0:
             problems.append(f"{where} micro_batch_size = {st.micro_batch_size}: must be >= 0")
+        if st.max_staleness < 0:
+            problems.append(f"{where} max_staleness = {st.max_staleness}: must be >= 0 (0: synchronous; k: "
+                            "rollouts at most k policy versions old)")
+        if st.max_staleness > 0 and t.engine == "fsdp2":
+            problems.append(f"{where} max_staleness = {st.max_staleness}: asynchronous rollouts need "
+                            'engine = "auto" (one learner process); the fsdp2 engine samples in lockstep')
         if st.prompts_per_step >= 1 and st.mini_batches > st.prompts_per_step:
             problems.append(f"{where} mini_batches = {st.mini_batches}: more than prompts_per_step = "
                             f"{st.prompts_per_step} (mini-batches hold whole groups)")
@@ -238,7 +244,7 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         check_output_dir(format_output_dir(t.output_dir, recipe.name), given=t.output_dir)
     except RecipeError as exc:
         problems.extend(exc.problems)
-    for key in ("save_every", "keep_checkpoints"):
+    for key in ("save_every", "keep_checkpoints", "rollout_threads"):
         if getattr(t, key) < 0:
             problems.append(f"[train] {key} = {getattr(t, key)}: must be >= 0")
     if t.max_bad_steps < 1:

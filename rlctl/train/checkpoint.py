@@ -3,6 +3,7 @@
 Layout of ``RUN/checkpoints/step-000012/`` (the number is the count of completed steps):
 
     policy/                    model + tokenizer (save_pretrained, safetensors)
+    rollouts.pt                asynchronous rollouts: requests sent and batches returned, not yet learned from
     value_head.safetensors     when the policy has a value head
     reference.safetensors      the frozen reference policy's weights, when one is in use
     optimizer.pt               optimizer state (tensors only; loaded with weights_only=True), or

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlctl.train import components
 from rlctl.train.checkpoint import (PREFIX, Snapshot, begin_checkpoint, checkpoint_dir, load_process_state,
                                     load_state, pending_dir, process_state, resolve_resume,
@@ -19,6 +21,8 @@ from rlctl.train.checkpoint import (PREFIX, Snapshot, begin_checkpoint, checkpoi
 from rlctl.train.engine import Engine
 from rlctl.train.learner import Learner
 from rlctl.train.reference import Reference
+
+ROLLOUTS_FILE = "rollouts.pt"  # asynchronous rollouts: requests sent and batches returned, not yet learned from
 
 
 class Checkpointer:
@@ -28,17 +32,21 @@ class Checkpointer:
         self.keep = keep
         self.checkpoint: Path | None = None  # the one a run resumes from
         self.resumed: dict[str, Any] = {}
+        self.resumed_rollouts: dict[str, Any] | None = None  # an asynchronous source's requests in flight
 
     def open_resume(self, resume: str) -> dict[str, Any]:
         """Find the checkpoint to resume from (``latest``, a checkpoint or a run directory)."""
         self.checkpoint = resolve_resume(self.run_dir, resume)
         self.resumed = load_state(self.checkpoint)
+        if (self.checkpoint / ROLLOUTS_FILE).exists():
+            self.resumed_rollouts = torch.load(self.checkpoint / ROLLOUTS_FILE, weights_only=True)
         return self.resumed
 
     def save(self, *, step: int, stage_index: int, stage_step: int, data_state: dict[str, int],
              eval_results: dict[str, Any], bad_steps: int, learner: Learner, tokenizer: Any,
-             reference: Any, built: dict[str, Any]) -> Path | None:
-        """Write a checkpoint (the main process writes; every process contributes its states)."""
+             reference: Any, built: dict[str, Any], rollout_state: dict[str, Any] | None = None) -> Path | None:
+        """Write a checkpoint (the main process writes; every process contributes its states);
+        ``rollout_state``: an asynchronous source's requests and batches not yet learned from."""
         local = process_state(learner.rng, components.states(built))
         snap = Snapshot(step=step, stage_index=stage_index, stage_step=stage_step, data_state=data_state,
                         eval_results=eval_results, process_states=self.engine.gather_objects(local),
@@ -49,7 +57,9 @@ class Checkpointer:
         head = engine.saveable(head) if head is not None else None
         reference = engine.saveable(reference) if reference is not None else None
         if engine.is_main:
-            begin_checkpoint(self.run_dir, step)
+            pending = begin_checkpoint(self.run_dir, step)
+            if rollout_state is not None:
+                torch.save(rollout_state, pending / ROLLOUTS_FILE)
         engine.barrier()
         engine.save_optimizer(learner.trainable, learner.optimizer, pending_dir(self.run_dir, step))
         engine.barrier()

@@ -21,7 +21,7 @@ from rlctl.errors import RlctlError
 from rlctl.rollouts import Rollouts
 
 # metrics that add up over processes (the rest are averaged)
-SUMMED = ("tokens", "samples", "tokens_per_s")
+SUMMED = ("tokens", "samples", "tokens_per_s", "samples_per_s", "learner_tokens_per_s")
 # extremes over processes, not means: the largest gap anywhere is what a parity check must see
 MAXIMA = ("parity_logp_max_abs", "parity_seq_ratio_max")
 MINIMA = ("parity_seq_ratio_min",)

@@ -24,6 +24,7 @@ from rlctl.models import Policy, load_policy
 from rlctl.recipe import Recipe, Stage, check_stage_components, resolved_dict
 from rlctl.state import TrainState
 from rlctl.train import outputs, rundir
+from rlctl.train.async_source import AsyncRolloutSource, check_async_stage, runs_async
 from rlctl.train.checkpointer import Checkpointer, truncate_metrics
 from rlctl.train.components import build, close_components, guarded
 from rlctl.train.engine import make_engine, reduce_metrics
@@ -101,8 +102,9 @@ class Trainer:
         model, self.tokenizer = load_run_policy(self.recipe, self.checkpointer.checkpoint if self.resume else None)
         self.learner = Learner(self.engine, self.engine.prepare_model(model), self.references,
                                self.tokenizer.pad_token_id, self.recipe.train.seed)
-        self.rollout_source = RolloutSource(self.engine, self.scorer, self.tokenizer.pad_token_id,
-                                            lambda: self.learner.version)
+        self.sync_source = RolloutSource(self.engine, self.scorer, self.tokenizer.pad_token_id,
+                                         lambda: self.learner.version)
+        self.rollout_source: RolloutSource = self.sync_source  # the stage's (asynchronous ones are per stage)
         self._data = PromptSources(self.recipe.train.seed, self.recipe.eval.num_prompts)
         self._use_data(self.recipe.data)
         # a reference frozen at the start of the run, only if some stage asks for it
@@ -180,11 +182,40 @@ class Trainer:
             self.checkpointer.restore_stage(self.learner, self.references, built)
         elif self.resume and index == self.checkpointer.resumed["stage_index"]:
             self.checkpointer.restore_rng(self.learner)
+        threads = torch.get_num_threads()
         try:
+            self.rollout_source = self._start_rollout_source(stage, built, start_step)
             for stage_step in range(start_step, stage.steps):
                 self._stage_step(index, stage, built, needs, stage_step)
         finally:
+            self.rollout_source.close()  # an asynchronous source's worker process
+            self.rollout_source = self.sync_source
+            torch.set_num_threads(threads)
             close_components(built)  # e.g. an inference engine or the rollout server a sampler started
+
+    def _start_rollout_source(self, stage: Stage, built: dict[str, Any], start_step: int) -> RolloutSource:
+        """The synchronous source, or (``max_staleness`` > 0) a worker process sampling ahead of the learner."""
+        if not runs_async(stage, built["sampler"]):
+            return self.sync_source
+        check_async_stage(stage, built["sampler"], self.engine.num_processes)
+        source = AsyncRolloutSource(self.engine, self.scorer, self.tokenizer.pad_token_id,
+                                    lambda: self.learner.version, lambda: self.state.step, self.view.message,
+                                    self.recipe.train.seed)
+        # the worker and the learner split this process's CPU threads (on a GPU both use the device)
+        total = torch.get_num_threads()
+        worker_threads = self.recipe.train.rollout_threads or max(1, total // 2)
+        torch.set_num_threads(max(1, total - worker_threads))
+        saved = self.checkpointer.resumed_rollouts if self.resume and start_step > 0 else None
+        try:
+            source.start_stage(stage, self.policy_model, self.tokenizer, self.stream,
+                               stage_end=self.state.step - start_step + stage.steps, threads=worker_threads,
+                               saved=saved)
+        except BaseException:
+            source.close()
+            raise
+        self.view.message(f"stage {stage.name!r}: rollouts from a worker process ({worker_threads} thread(s)) "
+                          f"up to {stage.train.max_staleness} step(s) ahead of the learner")
+        return source
 
     def _stage_step(self, index: int, stage: Stage, built: dict[str, Any], needs: set[str], stage_step: int) -> None:
         self.state.stage_step = stage_step
@@ -192,7 +223,9 @@ class Trainer:
         try:
             self._step(stage, built, needs)
         except RolloutsUnavailable as exc:  # nothing of this step was learned: resume takes it again
-            where = self._save_checkpoint(index, stage_step, built, data_state=data_before)
+            # (an asynchronous source keeps the step's requests itself: the data position stays where it is)
+            where = self._save_checkpoint(index, stage_step, built,
+                                          data_state=None if self.rollout_source.asynchronous else data_before)
             raise RolloutsUnavailable(f"{exc}; checkpoint written to {where}. {self._resume_hint()}") from exc
         self.state.step += 1
         last = stage_step + 1 == stage.steps
@@ -235,11 +268,16 @@ class Trainer:
             metrics["no_signal"] = 1.0
             self.view.message(f"warning: step {state.step}: every group had identical rewards in {batch.rounds} "
                               "sampling round(s); no update this step")
+        self.rollout_source.after_update(self.policy_model, state.step + 1)  # e.g. publish to a rollout worker
         elapsed = time.perf_counter() - t0
         tokens = rollouts.num_tokens
         metrics.update({"completion_len": float(rollouts.lengths.float().mean().item()), "samples": len(rollouts),
                         "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                        "sample_time": t_sample, "step_time": elapsed})
+                        "samples_per_s": len(rollouts) / elapsed if elapsed > 0 else 0.0,
+                        "learner_tokens_per_s": tokens / max(elapsed - t_sample, 1e-9),
+                        "sample_time": t_sample, "step_time": elapsed, **batch.metrics})
+        if "rollout_wait_time" in batch.metrics and elapsed > 0:
+            metrics["learner_idle_frac"] = batch.metrics["rollout_wait_time"] / elapsed
         metrics = reduce_metrics(self.engine, metrics)
         state.last_metrics, state.rollouts = metrics, rollouts
         if self.metrics:
@@ -262,7 +300,8 @@ class Trainer:
             data_state=data_state or self.stream.state_dict(), eval_results=self.eval_results,
             bad_steps=self.bad_steps.in_a_row, learner=self.learner, tokenizer=self.tokenizer,
             reference=self.references.model if next_stage_step else None,
-            built=built if built is not None else self.state.components)
+            built=built if built is not None else self.state.components,
+            rollout_state=self.rollout_source.state_dict())
 
     def _evaluate(self, stage: Stage, built: dict[str, Any], label: str) -> None:
         result = self.evaluator.evaluate(Policy(self.policy_model, self.tokenizer), self.eval_prompts, stage,

@@ -3,14 +3,15 @@
 Each process draws the same global batch of prompts, samples its shard with the stage's sampler, scores
 it and tags it with the policy version that produced it (the number of optimizer steps taken so far).
 With dynamic sampling (``drop_uniform_groups``) groups whose rewards are all equal are dropped and the
-source samples again, up to ``max_sampling_rounds``. Synchronous: the policy that samples is the one
-being trained.
+source samples again, up to ``max_sampling_rounds``. ``RolloutSource`` is synchronous: the policy that
+samples is the one being trained; ``AsyncRolloutSource`` (``async_source.py``) takes its rounds from a
+worker process that samples ahead of the learner.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -30,9 +31,14 @@ class Batch:
     reward_stats: dict[str, float]  # of the first round, before any group was dropped
     rounds: int  # sampling rounds taken
     informative: bool  # False when every group was uniform in every round: nothing to learn from
+    metrics: dict[str, float] = field(default_factory=dict)  # the source's own (asynchronous: staleness ...)
 
 
 class RolloutSource:
+    """Synchronous: each round draws prompts and samples them with the policy being trained."""
+
+    asynchronous = False
+
     def __init__(self, engine: Engine, scorer: Scorer, pad_token_id: int, policy_version: Callable[[], int]):
         self.engine = engine
         self.scorer = scorer
@@ -43,21 +49,14 @@ class RolloutSource:
                 specs: dict[str, Any], need_rewards: bool) -> Batch:
         """Sample (and score) a batch; with ``drop_uniform_groups``, keep refilling up to the batch size."""
         t = stage.train
-        engine = self.engine
         kept: list[Rollouts] = []
         first_stats: dict[str, float] = {}
-        wanted = t.prompts_per_step // engine.num_processes  # groups this process contributes
+        wanted = t.prompts_per_step // self.engine.num_processes  # groups this process contributes
         groups_kept, rounds, next_group = 0, 0, 0
-        version = self.policy_version()
         while rounds < t.max_sampling_rounds and groups_kept < wanted:
-            # a prompt-selecting sampler sees more candidates than it keeps (``candidates_per_prompt``)
-            oversample = int(getattr(built["sampler"], "candidates_per_prompt", 1) or 1)
-            prompts = stream.next_batch(t.prompts_per_step * oversample)
-            local, offset = shard(prompts, engine.process_index, engine.num_processes)
-            batch = guarded(specs["sampler"], "sampler", built["sampler"].sample, policy, local, t.group_size)
-            batch.group_ids = batch.group_ids + next_group + offset  # globally unique group ids
-            batch.policy_version = version
-            next_group += len(prompts)
+            batch, drawn = self.sample_round(policy, stream, stage, built, specs)
+            batch.group_ids = batch.group_ids + next_group  # globally unique group ids
+            next_group += drawn
             if need_rewards:
                 batch.rewards, stats = self.scorer.score(batch, built["reward"], specs["reward"])
                 if rounds == 0:
@@ -79,6 +78,29 @@ class RolloutSource:
         if t.drop_uniform_groups:
             rollouts = first_groups(rollouts, wanted)
         return Batch(rollouts, first_stats, rounds, informative=True)
+
+    def sample_round(self, policy: Policy, stream: PromptStream, stage: Stage, built: dict[str, Any],
+                     specs: dict[str, Any]) -> tuple[Rollouts, int]:
+        """One round: this process's rollouts (group ids offset to its shard) and the prompts drawn in all."""
+        t, engine = stage.train, self.engine
+        # a prompt-selecting sampler sees more candidates than it keeps (``candidates_per_prompt``)
+        oversample = int(getattr(built["sampler"], "candidates_per_prompt", 1) or 1)
+        prompts = stream.next_batch(t.prompts_per_step * oversample)
+        local, offset = shard(prompts, engine.process_index, engine.num_processes)
+        batch = guarded(specs["sampler"], "sampler", built["sampler"].sample, policy, local, t.group_size)
+        batch.group_ids = batch.group_ids + offset
+        batch.policy_version = self.policy_version()
+        return batch, len(prompts)
+
+    def after_update(self, model: torch.nn.Module, version: int) -> None:
+        """The learner finished a step: ``version`` training steps are in ``model`` (nothing to do here)."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint must keep of this source beyond the data position (nothing, synchronous)."""
+        return None
+
+    def close(self) -> None:
+        pass
 
     def _observe(self, sampler: Any, spec: ComponentSpec, batch: Rollouts) -> None:
         """Show a sampler every scored batch of all processes (before dynamic-sampling filters)."""
