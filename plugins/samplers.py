@@ -15,6 +15,8 @@ from rlctl.rollouts import Prompt, Rollouts, right_pad
 class HFGenerateSampler:
     """Sample ``group_size`` completions per prompt with ``model.generate``."""
 
+    supports_partial_rollouts = True  # rlctl's own decoding loop loads newer weights between tokens
+
     def __init__(self, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, min_new_tokens: int = 0, chat_template: bool = False,
                  batch_size: int = 0, record_logprobs: bool = False):

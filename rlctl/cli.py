@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -86,9 +87,12 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwri
         return
     parsed = load_recipe(_recipe_path(recipe), overrides)
     trainer = Trainer(parsed, output_dir=output_dir, overwrite=overwrite, show_progress=not quiet, resume=resume)
-    rundir.check_claim(trainer.output_dir, overwrite=overwrite, resume=bool(resume),
-                       entries=rundir.run_entries(parsed))  # refused before anything is printed
     if trainer.engine.is_main:
+        # refused before anything is printed; only the main process checks, since it is the one that
+        # claims the directory: another process checking while it writes the marker would see a
+        # half-made directory and refuse it
+        rundir.check_claim(trainer.output_dir, overwrite=overwrite, resume=bool(resume),
+                           entries=rundir.run_entries(parsed))
         err_console.print(f"[bold]rlctl[/] {parsed.name}: {parsed.total_steps} steps in "
                           f"{len(parsed.stages)} stage(s) -> {trainer.output_dir}", highlight=False)
     summary = trainer.run()
@@ -107,7 +111,6 @@ def _launch(count: int, recipe: str, overrides: tuple[str, ...], output_dir: str
     and exits with that process's status, instead of the launcher's traceback.
     """
     import logging
-    import os
 
     import torch
 
@@ -364,7 +367,35 @@ def import_model(source: str, output: str | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="rlctl")
+    try:
+        cli(prog_name="rlctl")
+    except SystemExit as exc:
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            _end_launched_process(exc.code)
+        raise
+
+
+def _end_launched_process(code: object) -> None:
+    """End one process of a multi-process run without the interpreter's teardown.
+
+    Sharded and data-parallel models keep the gloo process group alive through references (device
+    mesh, FSDP state) after it was destroyed; released during the interpreter's teardown, its worker
+    threads can abort the process (SIGABRT, "terminate called without an active exception") after the
+    run succeeded, and the launcher then reports the whole run failed. Everything the run writes is
+    closed by then (checkpoints, metrics, trackers), so only the console streams need flushing.
+    """
+    import logging
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":

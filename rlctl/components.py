@@ -29,6 +29,12 @@ group's ``group_ids`` must be distinct). A sampler with an ``observe(rollouts)``
 scored batch (``rewards`` set), of all processes, before dynamic sampling drops any group (e.g. to
 update per-prompt statistics).
 
+Asynchronous rollouts (``[train] max_staleness >= 1``) run the sampler in a worker process: a sampler
+that cannot run there (it drives an engine owned by the learner's process) sets ``runs_in_worker =
+False``. A sampler that decodes token by token and can switch weights part-way through a completion
+sets ``supports_partial_rollouts = True`` and calls ``policy.refresh()`` between decoding steps (it
+returns the version loaded; see ``rlctl.models.Policy``), filling ``token_versions``.
+
 A sampler whose completions depend only on the prompt (no generation: demonstrations, preference
 pairs) sets ``deterministic = True``; the trainer then computes reference log-probs once per
 (prompt, completion) and stage, and reuses them in later epochs.

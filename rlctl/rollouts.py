@@ -28,6 +28,7 @@ TENSOR_FIELDS = (
     "advantages",
     "returns",
     "loss_mask",
+    "token_versions",
 )
 LIST_FIELDS = ("prompts", "completions", "info")
 
@@ -69,6 +70,9 @@ class Rollouts:
     returns: torch.Tensor | None = None
     # optional per-token weights of the loss (e.g. prefix sampling); defaults to completion_mask
     loss_mask: torch.Tensor | None = None
+    # partial rollouts: the policy version (training steps) that drew each token [N, T] (None: one
+    # version drew the whole batch)
+    token_versions: torch.Tensor | None = None
     # sampling temperature: the trainer scores completions at the same temperature
     temperature: float = 1.0
     # counts over the whole mini-batch of every process (set by the trainer before the loss runs on a

@@ -97,6 +97,11 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     ``record_logprobs``: also return, as ``behavior_logprobs``, the log-probability of each sampled token
     under the distribution it was drawn from (temperature, EOS ban, top-k, top-p applied), taken from the
     decoding step itself. Only rlctl's own decoding loop records them; with ``model.generate`` they are None.
+
+    Partial rollouts: when ``policy.refresh`` is set it is called between decoding steps; it may load newer
+    weights into the model in place and returns the version now loaded. The completions then continue
+    with the new weights (the cache of the tokens so far is computed again by them), and
+    ``token_versions`` records the version that drew each token.
     """
     tok, model = policy.tokenizer, policy.model
     enc = encode_prompts(tok, [p.text for p in prompts], chat_template)
@@ -107,27 +112,32 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     eos = eos_token_ids(model, tok)
     per_call = batch_size or len(prompts)  # prompts per decoding call
     fast = use_fast_decoding(model)
+    refresh = getattr(policy, "refresh", None)
     was_training = model.training
     model.eval()
-    pieces, logp_pieces = [], []
+    pieces, logp_pieces, version_pieces = [], [], []
     try:
         for start in range(0, len(prompts), per_call):
             rows = slice(start * group_size, (start + per_call) * group_size)
             if fast:
-                ids_part, logp_part = _decode(
+                ids_part, logp_part, version_part = _decode(
                     model, unique_ids[start:start + per_call], unique_mask[start:start + per_call], group_size,
                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad_token_id=tok.pad_token_id,
-                    record_logprobs=record_logprobs)
+                    record_logprobs=record_logprobs, refresh=refresh)
                 pieces.append(ids_part)
                 logp_pieces.append(logp_part)
+                version_pieces.append(version_part)
                 continue
+            # ``model.generate`` cannot change weights part-way: the whole call uses the newest ones
+            version = refresh() if refresh is not None else 0
             sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
             out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
                                  do_sample=do_sample, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id,
                                  synced_gpus=_all_done is not None, **sampling)
             pieces.append(out[:, prompt_ids.shape[1]:])
+            version_pieces.append(torch.full(pieces[-1].shape, version, dtype=torch.long, device=device))
     finally:
         model.train(was_training)
     width = max(1, max(p.shape[1] for p in pieces))
@@ -144,6 +154,10 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     if record_logprobs and fast:
         behavior = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in logp_pieces])
         behavior = behavior[:, :keep].masked_fill(mask == 0, 0.0)
+    versions = None
+    if refresh is not None:
+        versions = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in version_pieces])
+        versions = versions[:, :keep].masked_fill(mask == 0, 0)
     return Rollouts(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -156,6 +170,7 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
               for i, p in enumerate(prompts) for j in range(group_size)],
         temperature=temperature if do_sample else 1.0,
         behavior_logprobs=behavior,
+        token_versions=versions,
     )
 
 
@@ -302,23 +317,23 @@ def _next_tokens(logits: torch.Tensor, step: int, *, do_sample: bool, temperatur
 
 def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, *,
             max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-            top_p: float, eos: list[int], pad_token_id: int,
-            record_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion ids [P * G, steps] (pad after each row's first EOS) for P left-padded prompts, and the
-    sampled tokens' log-probs [P * G, steps] (zeros unless ``record_logprobs``)."""
+            top_p: float, eos: list[int], pad_token_id: int, record_logprobs: bool = False,
+            refresh: Callable[[], int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Completion ids [P * G, steps] (pad after each row's first EOS) for P left-padded prompts, the
+    sampled tokens' log-probs [P * G, steps] (zeros unless ``record_logprobs``) and, with ``refresh``
+    (partial rollouts, see ``generate``), the weights' version that drew each token [P * G, steps]."""
     device = prompt_ids.device
     n_rows, p_len = prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
     out = torch.full((n_rows, max(0, max_new_tokens)), pad_token_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((n_rows, max(0, max_new_tokens)), dtype=torch.float32, device=device)
+    version = refresh() if refresh is not None else 0
+    out_version = None if refresh is None else torch.full_like(out, version)
     if max_new_tokens <= 0:
-        return out, out_logp
+        return out, out_logp, out_version
     padded = not bool(prompt_mask.all())
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = new_cache(model)
-    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
-                   logits_to_keep=1, **with_cache(model, cache)).logits[:, -1, :]
-    _expand_cache(cache, group_size, p_len + max_new_tokens)
-    logits = logits.float().repeat_interleave(group_size, dim=0)
+    capacity = p_len + max_new_tokens
+    cache, logits = _prefill(model, prompt_ids, prompt_mask if padded else None, positions, group_size, capacity)
     # the attention mask of every row for the whole completion, passed as growing views; with SDPA
     # attention it is already the [B, 1, 1, keys] boolean mask of one query, which the model uses as is
     full_mask = None
@@ -341,6 +356,8 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
         out[:, step] = tokens
         if logp is not None:
             out_logp[:, step] = logp
+        if out_version is not None:
+            out_version[:, step] = version
         unfinished &= ~torch.isin(tokens, eos_t)
         if step + 1 == max_new_tokens:
             break
@@ -351,7 +368,31 @@ def _decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
         elif (step + 1) % check_every == 0 and not bool(unfinished.any()):
             steps = step + 1
             break
+        if refresh is not None and (newest := refresh()) != version:
+            # partial rollouts: newer weights were loaded. The cache of the tokens so far came from the
+            # old ones; compute it again, so that every later token is drawn from exactly the new policy
+            version = newest
+            rows_ids = torch.cat([prompt_ids.repeat_interleave(group_size, dim=0), out[:, :step + 1]], dim=1)
+            rows_mask = None
+            if padded:
+                rows_mask = torch.cat([prompt_mask.repeat_interleave(group_size, dim=0),
+                                       torch.ones_like(out[:, :step + 1], dtype=prompt_mask.dtype)], dim=1)
+            rows_pos = torch.cat([positions.repeat_interleave(group_size, dim=0),
+                                  next_pos + torch.arange(step + 1, device=device)], dim=1)
+            cache, logits = _prefill(model, rows_ids, rows_mask, rows_pos, 1, capacity)
+            continue
         mask = None if full_mask is None else full_mask[..., :p_len + step + 1]
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos + step,
                        logits_to_keep=1, **with_cache(model, cache)).logits[:, -1, :].float()
-    return out[:, :steps], out_logp[:, :steps]
+    return (out[:, :steps], out_logp[:, :steps], None if out_version is None else out_version[:, :steps])
+
+
+def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, repeats: int,
+             capacity: int) -> tuple[Any, torch.Tensor]:
+    """The cache of ``ids`` (each row repeated ``repeats`` times, in buffers of ``capacity`` tokens) and
+    the fp32 logits of every row's next token [rows * repeats, V]."""
+    cache = new_cache(model)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                   **with_cache(model, cache)).logits[:, -1, :]
+    _expand_cache(cache, repeats, capacity)
+    return cache, logits.float().repeat_interleave(repeats, dim=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -13,10 +13,16 @@ from torch import nn
 
 @dataclass
 class Policy:
-    """What a sampler receives: the (unwrapped) causal LM and its tokenizer."""
+    """What a sampler receives: the (unwrapped) causal LM and its tokenizer.
+
+    ``refresh`` (partial rollouts, in a rollout worker only): a sampler that decodes token by token may
+    call it between steps; it loads newer published weights into ``model`` in place, if there are any,
+    and returns the version now loaded. Samplers that do declare ``supports_partial_rollouts = True``.
+    """
 
     model: Any
     tokenizer: Any
+    refresh: Callable[[], int] | None = None
 
     @property
     def device(self) -> torch.device:

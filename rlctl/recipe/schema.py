@@ -54,6 +54,7 @@ class TrainConfig:
     drop_uniform_groups: bool = False  # dynamic sampling: drop groups whose rewards are all equal
     max_sampling_rounds: int = 1  # extra sampling rounds to refill dropped groups
     max_staleness: int = 0  # asynchronous rollouts: a worker samples up to this many steps ahead; 0 = synchronous
+    partial_rollouts: bool = False  # asynchronous rollouts: completions under way continue with newer weights
     rollout_threads: int = 0  # CPU threads of the rollout worker; 0 = half of this process's (the learner keeps the rest)
     save_final: bool = True
     save_every: int = 0  # write a checkpoint every N steps (always at the end and on Ctrl-C)
@@ -66,7 +67,7 @@ class TrainConfig:
 # Keys a [[stage]] may set for itself (the rest of [train] is shared by the whole run).
 STAGE_TRAIN_KEYS = ("lr", "prompts_per_step", "group_size", "ppo_epochs", "mini_batches",
                     "micro_batch_size", "max_grad_norm", "weight_decay", "drop_uniform_groups",
-                    "max_sampling_rounds", "reference", "max_staleness")
+                    "max_sampling_rounds", "reference", "max_staleness", "partial_rollouts")
 
 
 @dataclass

@@ -229,6 +229,9 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         if st.max_staleness < 0:
             problems.append(f"{where} max_staleness = {st.max_staleness}: must be >= 0 (0: synchronous; k: "
                             "rollouts at most k policy versions old)")
+        if st.partial_rollouts and st.max_staleness == 0:
+            problems.append(f"{where} partial_rollouts = true: needs max_staleness >= 1 (with synchronous "
+                            "rollouts no weights change while a batch is sampled)")
         if st.max_staleness > 0 and t.engine == "fsdp2":
             problems.append(f"{where} max_staleness = {st.max_staleness}: asynchronous rollouts need "
                             'engine = "auto" (one learner process); the fsdp2 engine samples in lockstep')

@@ -53,6 +53,9 @@ def check_async_stage(stage: Stage, sampler: Any, num_processes: int) -> None:
     if getattr(sampler, "runs_in_worker", True) is False:
         raise RlctlError(f"{where}: sampler {use!r} cannot run in the rollout worker process; use "
                          "max_staleness = 0 with it (or a sampler that can, e.g. use = \"hf\")")
+    if stage.train.partial_rollouts and not getattr(sampler, "supports_partial_rollouts", False):
+        raise RlctlError(f"[train] partial_rollouts = true: sampler {use!r} cannot change weights part-way "
+                         "through a completion; use partial_rollouts = false with it (or use = \"hf\")")
 
 
 def runs_async(stage: Stage, sampler: Any) -> bool:
@@ -88,7 +91,7 @@ class AsyncRolloutSource(RolloutSource):
         self.publisher = WeightPublisher(model, tokenizer)
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         config = WorkerConfig(str(self.publisher.dir), stage.components["sampler"], str(self.engine.device),
-                              dtype, threads)
+                              dtype, threads, partial_rollouts=stage.train.partial_rollouts)
         self.worker = WorkerProcess(config)
         if saved:
             self.load_state_dict(saved)
@@ -130,6 +133,8 @@ class AsyncRolloutSource(RolloutSource):
             raise RlctlError(f"internal error: a batch {staleness} versions old exceeds max_staleness")
         n = len(result.rollouts)
         self.stats["staleness"].extend([staleness] * n)
+        if result.rollouts.token_versions is not None:  # partial rollouts: ages per token
+            self._count_token_versions(result.rollouts)
         self.stats["worker_idle_s"] += result.idle_s
         self.stats["worker_busy_s"] += result.busy_s
         batch = dataclasses.replace(result.rollouts)
@@ -204,7 +209,17 @@ class AsyncRolloutSource(RolloutSource):
 
     # ------------------------------------------------------------------------------- metrics
     def _reset_step_stats(self) -> None:
-        self.stats: dict[str, Any] = {"staleness": [], "wait_s": 0.0, "worker_idle_s": 0.0, "worker_busy_s": 0.0}
+        self.stats: dict[str, Any] = {"staleness": [], "wait_s": 0.0, "worker_idle_s": 0.0, "worker_busy_s": 0.0,
+                                      "token_age_sum": 0.0, "tokens": 0, "partial": 0}
+
+    def _count_token_versions(self, rollouts: Rollouts) -> None:
+        real = rollouts.completion_mask.bool()
+        versions = rollouts.token_versions
+        self.stats["token_age_sum"] += float((self.current_step() - versions)[real].sum())
+        self.stats["tokens"] += int(real.sum())
+        newest = versions.masked_fill(~real, -1).amax(dim=1)
+        oldest = versions.masked_fill(~real, 2**62).amin(dim=1)
+        self.stats["partial"] += int(((newest > oldest) & real.any(dim=1)).sum())
 
     def _step_metrics(self) -> dict[str, float]:
         s = self.stats
@@ -213,6 +228,9 @@ class AsyncRolloutSource(RolloutSource):
                "rollout_wait_time": s["wait_s"]}
         for k in range(self.stage.train.max_staleness + 1):  # the step's histogram: samples per age
             out[f"staleness_{k}"] = float(sum(1 for a in ages if a == k))
+        if s["tokens"]:  # partial rollouts: tokens' mean age, and the share of completions spanning versions
+            out["token_staleness"] = s["token_age_sum"] / s["tokens"]
+            out["partial_frac"] = s["partial"] / len(ages)
         worker_total = s["worker_idle_s"] + s["worker_busy_s"]
         if worker_total > 0:
             out["worker_idle_frac"] = s["worker_idle_s"] / worker_total
