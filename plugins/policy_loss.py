@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from rlctl.hookspecs import hookimpl
-from rlctl.ops import AGGREGATIONS, aggregate, kl_penalty, masked_mean
+from rlctl.ops import AGGREGATIONS, KL_ESTIMATORS, aggregate, kl_penalty, masked_mean
 from rlctl.rollouts import Rollouts
 from rlctl_plugins.behavior_correction import BehaviorCorrection
+from rlctl_plugins.kl_control import make_controller
 
 RATIO_LEVELS = ("token", "sequence")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 class ClippedPolicyLoss:
@@ -32,15 +32,23 @@ class ClippedPolicyLoss:
     between the generation engine and the trainer. ``tis_level = "sequence"`` truncates each sequence's
     product of ratios instead; ``mask_low`` / ``mask_high`` drop tokens whose ratio leaves that range
     (masked IS, IcePop). See ``behavior_correction.py``.
-    ``kl_coef`` > 0 adds ``kl_coef * KL(pi || pi_ref)`` per token with estimator k1, k2 or k3 (needs a
-    reference model); ``entropy_coef`` > 0 rewards entropy (a bonus), < 0 penalises it.
+    ``kl_coef`` > 0 adds ``kl_coef * KL(pi || pi_ref)`` per token with estimator k1, k2, k3 or the
+    straight-through k1+ / k3+ (needs a reference model); ``kl_target`` > 0 adapts ``kl_coef`` after every
+    step toward that KL over ``kl_horizon`` completions (see ``kl_control.py``). ``entropy_coef`` > 0
+    rewards entropy (a bonus), < 0 penalises it.
+
+    Subclasses change the policy-gradient term by overriding ``surrogate``; the KL, entropy and
+    behaviour-correction terms apply to every one of them.
     """
+
+    paper = "Proximal Policy Optimization Algorithms"
 
     def __init__(self, clip_low: float = 0.2, clip_high: float | None = None,
                  aggregation: str = "token-mean", normalizer: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
                  ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0,
-                 tis_level: str = "token", mask_low: float = 0.0, mask_high: float = 0.0):
+                 tis_level: str = "token", mask_low: float = 0.0, mask_high: float = 0.0,
+                 kl_target: float = 0.0, kl_horizon: float = 10000.0):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation = {aggregation!r}: accepted values are {', '.join(AGGREGATIONS)}")
         if aggregation == "constant" and not normalizer:
@@ -58,12 +66,33 @@ class ClippedPolicyLoss:
         self.clip_high = clip_low if clip_high is None else clip_high
         self.aggregation = aggregation
         self.normalizer = normalizer
-        self.kl_coef = kl_coef
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef = {kl_coef}: accepted values are >= 0")
+        self.kl_controller = make_controller(kl_coef, kl_target, kl_horizon)
+        self._kl_coef = kl_coef
         self.kl_estimator = kl_estimator
         self.entropy_coef = entropy_coef
         self.ratio_level = ratio_level
         self.dual_clip = dual_clip
         self.tis_cap = tis_cap
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL coefficient of the next update (adapted after every step when ``kl_target`` is set)."""
+        return self.kl_controller.value if self.kl_controller is not None else self._kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if self.kl_controller is not None:
+            self.kl_controller.value = float(value)
+        self._kl_coef = value
+
+    def state_dict(self) -> dict[str, float]:
+        return self.kl_controller.state_dict() if self.kl_controller is not None else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        if self.kl_controller is not None:
+            self.kl_controller.load_state_dict(state)
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -76,9 +105,9 @@ class ClippedPolicyLoss:
             needs.append("behavior_logprobs")
         return tuple(needs)
 
-    def policy_terms(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The per-token policy loss [N, T] (surrogate + KL + entropy terms) and its statistics."""
+    def surrogate(self, rollouts: Rollouts, logprobs: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The per-token policy-gradient loss [N, T] and its statistics: the clipped surrogate here."""
         adv = rollouts.advantages
         log_ratio = logprobs - rollouts.old_logprobs
         if self.ratio_level == "sequence":
@@ -96,6 +125,12 @@ class ClippedPolicyLoss:
             capped = (adv < 0) & (per_token > cap)
             per_token = torch.where(capped, cap, per_token)
             stats["dual_clip_frac"] = masked_mean(capped.float(), mask).item()
+        return per_token, stats
+
+    def policy_terms(self, rollouts: Rollouts, logprobs: torch.Tensor, entropy: torch.Tensor | None,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The per-token policy loss [N, T] (surrogate + KL + entropy terms) and its statistics."""
+        per_token, stats = self.surrogate(rollouts, logprobs, mask)
         if self.behavior_correction.active:
             weight, correction_stats = self.behavior_correction.weights(rollouts, mask)
             per_token = per_token * weight
@@ -104,6 +139,8 @@ class ClippedPolicyLoss:
             kl = kl_penalty(logprobs, rollouts.ref_logprobs, self.kl_estimator)
             per_token = per_token + self.kl_coef * kl
             stats["kl"] = masked_mean(kl.detach(), mask).item()
+            if self.kl_controller is not None:
+                stats["kl_coef"] = self.kl_coef
         if self.entropy_coef:
             per_token = per_token - self.entropy_coef * entropy
             stats["entropy"] = masked_mean(entropy.detach(), mask).item()
@@ -126,14 +163,17 @@ class GSPOLoss(ClippedPolicyLoss):
     a sequence ratio moves far less than a token ratio. Other options as ``ppo_clip``.
     """
 
+    paper = "Group Sequence Policy Optimization"
+
     def __init__(self, clip_low: float = 3e-4, clip_high: float | None = 4e-4,
                  aggregation: str = "seq-mean-token-mean", normalizer: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
                  dual_clip: float = 0.0, tis_cap: float = 0.0, tis_level: str = "token",
-                 mask_low: float = 0.0, mask_high: float = 0.0):
+                 mask_low: float = 0.0, mask_high: float = 0.0, kl_target: float = 0.0,
+                 kl_horizon: float = 10000.0):
         super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
                          ratio_level="sequence", dual_clip=dual_clip, tis_cap=tis_cap, tis_level=tis_level,
-                         mask_low=mask_low, mask_high=mask_high)
+                         mask_low=mask_low, mask_high=mask_high, kl_target=kl_target, kl_horizon=kl_horizon)
 
 
 class NGRPOClipLoss(ClippedPolicyLoss):
@@ -144,12 +184,15 @@ class NGRPOClipLoss(ClippedPolicyLoss):
     ``ngrpo`` advantage. Other options as ``ppo_clip``.
     """
 
+    paper = "NGRPO: Negative-enhanced Group Relative Policy Optimization"
+
     def __init__(self, clip_low: float = 0.16, clip_high: float | None = 0.24,
                  aggregation: str = "token-mean", normalizer: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-                 ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0):
+                 ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0,
+                 kl_target: float = 0.0, kl_horizon: float = 10000.0):
         super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
-                         ratio_level, dual_clip, tis_cap)
+                         ratio_level, dual_clip, tis_cap, kl_target=kl_target, kl_horizon=kl_horizon)
 
 
 @hookimpl

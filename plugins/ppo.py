@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from rlctl.hookspecs import hookimpl
-from rlctl.ops import aggregate, kl_penalty, masked_mean, masked_whiten
+from rlctl.ops import KL_ESTIMATORS, aggregate, kl_penalty, masked_mean, masked_whiten
 from rlctl.rollouts import Rollouts
-from rlctl_plugins.policy_loss import KL_ESTIMATORS, ClippedPolicyLoss
+from rlctl_plugins.kl_control import make_controller
+from rlctl_plugins.policy_loss import ClippedPolicyLoss
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
@@ -68,7 +69,9 @@ class GAEAdvantage:
     Token rewards: an outcome reward [N] is placed on the last completion token (a process reward [N, T]
     is used as is), minus ``kl_coef * KL(pi_old || pi_ref)`` on every token when ``kl_coef`` > 0 — the
     per-token KL penalty of RLHF and ReFT ("ReFT: Reasoning with Reinforced Fine-Tuning"; estimator
-    ``kl_estimator``, default k1 = log pi_old / pi_ref).
+    ``kl_estimator``, default k1 = log pi_old / pi_ref). ``kl_target`` > 0 makes the coefficient adaptive:
+    after each batch it moves toward the coefficient that keeps the KL at ``kl_target`` over ``kl_horizon``
+    completions (see ``kl_control.py``); the coefficient used is logged as ``reward_kl_coef``.
     ``bootstrap_truncated``: EGAE ("Truncated Proximal Policy Optimization"): a response cut by the length
     budget is not terminal; its last step bootstraps from the value at the cut (the last value the head
     produced for the row) instead of 0. Complete responses get plain GAE. Truncation comes from
@@ -79,7 +82,7 @@ class GAEAdvantage:
 
     def __init__(self, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True, kl_coef: float = 0.0,
                  kl_estimator: str = "k1", bootstrap_truncated: bool = False, unbiased_std: bool = False,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, kl_target: float = 0.0, kl_horizon: float = 10000.0):
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma = {gamma}: accepted values are in [0, 1]")
         if not 0.0 <= lam <= 1.0:
@@ -88,14 +91,27 @@ class GAEAdvantage:
             raise ValueError(f"kl_coef = {kl_coef}: accepted values are >= 0")
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator = {kl_estimator!r}: accepted values are {', '.join(KL_ESTIMATORS)}")
+        self.kl_controller = make_controller(kl_coef, kl_target, kl_horizon)
         self.gamma = gamma
         self.lam = lam
         self.whiten = whiten
-        self.kl_coef = kl_coef
+        self._kl_coef = kl_coef
         self.kl_estimator = kl_estimator
         self.bootstrap_truncated = bootstrap_truncated
         self.unbiased_std = unbiased_std
         self.eps = eps
+
+    @property
+    def kl_coef(self) -> float:
+        """The coefficient of the KL in the reward for the next batch."""
+        return self.kl_controller.value if self.kl_controller is not None else self._kl_coef
+
+    def state_dict(self) -> dict[str, float]:
+        return self.kl_controller.state_dict() if self.kl_controller is not None else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        if self.kl_controller is not None:
+            self.kl_controller.load_state_dict(state)
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -115,7 +131,13 @@ class GAEAdvantage:
         if self.kl_coef:
             kl = kl_penalty(rollouts.old_logprobs.float(), rollouts.ref_logprobs.float(), self.kl_estimator)
             r = r - self.kl_coef * kl * mask
-            self.last_stats = {"kl": float(masked_mean(kl, mask))}  # logged as metric "kl"
+            mean_kl = float(masked_mean(kl, mask))
+            self.last_stats = {"kl": mean_kl}  # logged as metric "kl"
+            if self.kl_controller is not None:
+                # this batch used the current coefficient; the next one gets the updated value (the batch
+                # is the same on every process, so the coefficient stays in sync)
+                self.last_stats["reward_kl_coef"] = self.kl_controller.value
+                self.kl_controller.update(mean_kl, float(len(rollouts)))
         return r
 
     def compute(self, rollouts: Rollouts) -> torch.Tensor:
@@ -147,9 +169,10 @@ class PPOLoss(ClippedPolicyLoss):
                  aggregation: str = "token-mean", normalizer: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
                  ratio_level: str = "token", dual_clip: float = 0.0, tis_cap: float = 0.0,
-                 vf_coef: float = 0.1, value_clip: float = 0.2):
+                 vf_coef: float = 0.1, value_clip: float = 0.2, kl_target: float = 0.0,
+                 kl_horizon: float = 10000.0):
         super().__init__(clip_low, clip_high, aggregation, normalizer, kl_coef, kl_estimator, entropy_coef,
-                         ratio_level, dual_clip, tis_cap)
+                         ratio_level, dual_clip, tis_cap, kl_target=kl_target, kl_horizon=kl_horizon)
         if vf_coef < 0:
             raise ValueError(f"vf_coef = {vf_coef}: accepted values are >= 0")
         if value_clip < 0:

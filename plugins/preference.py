@@ -11,11 +11,18 @@ margin over the reference, the losses are (averaged over pairs):
 
 =============  ==============================================================================
 dpo            -log σ(β h)
-ipo            (h - 1/(2β))²
+ipo            (h - 1/(2β))²   (``length_normalize``: h from per-token mean log-probs, as TRL)
 rdpo           [(1-ε)(-log σ(β h)) - ε(-log σ(-β h))] / (1 - 2ε)
 margin_dpo     -log σ(β h - m), m = margin_scale · info[margin_key]
 simpo          -log σ(β (log π(y_w)/|y_w| - log π(y_l)/|y_l|) - γ)   (no reference model)
 =============  ==============================================================================
+
+``wpo = true`` (dpo, ipo and the losses of ``preference_variants.py``) weights each pair's loss by WPO's
+w = exp(mean_t log π(y_w,t) + mean_t log π(y_l,t)), without gradient ("WPO: Enhancing RLHF with Weighted
+Preference Optimization"): pairs the current policy is more likely to produce count more, simulating
+on-policy data. The paper also describes a variant whose per-token terms are normalised by
+sum_v π(v)^2 over the vocabulary; a loss only receives the sampled tokens' log-probs, not the full
+next-token distribution, so that variant is not offered.
 """
 
 from __future__ import annotations
@@ -120,6 +127,25 @@ class PairLogps:
         """h = (log π_w - log ref_w) - (log π_l - log ref_l)."""
         return (self.policy_w - self.ref_w) - (self.policy_l - self.ref_l)
 
+    @property
+    def chosen_log_ratio(self) -> torch.Tensor:
+        """log π_w - log ref_w (β times it is the chosen implicit reward)."""
+        return self.policy_w - self.ref_w
+
+    @property
+    def rejected_log_ratio(self) -> torch.Tensor:
+        """log π_l - log ref_l."""
+        return self.policy_l - self.ref_l
+
+    @property
+    def mean_log_ratio_margin(self) -> torch.Tensor:
+        """h with every sequence log-prob divided by its length (TRL's length-normalised IPO)."""
+        return (self.policy_w - self.ref_w) / self.len_w - (self.policy_l - self.ref_l) / self.len_l
+
+    def wpo_weights(self) -> torch.Tensor:
+        """WPO's pair weight exp(mean_t log π(y_w) + mean_t log π(y_l)) in (0, 1], no gradient."""
+        return torch.exp(self.policy_w / self.len_w + self.policy_l / self.len_l).detach().clamp(max=1.0)
+
     def reference_stats(self, beta: float) -> dict[str, float]:
         """``pair_stats`` of the implicit rewards β (log π - log π_ref)."""
         return pair_stats(beta * (self.policy_w - self.ref_w), beta * (self.policy_l - self.ref_l))
@@ -192,48 +218,69 @@ class PairLoss:
     """Preference losses average over pairs: ``totals`` counts them, so that the loss of a micro-batch is
     its share of the mean over every pair of the mini-batch (``rlctl.ops.batch_mean``)."""
 
+    wpo = False  # losses that offer WPO weighting set it from their ``wpo`` key
+
     def totals(self, rollouts: Rollouts) -> dict[str, float]:
         return {"pairs": float(len(pair_index(rollouts)[0])) if len(rollouts) else 0.0}
+
+    def reduce(self, losses: torch.Tensor, lp: PairLogps, rollouts: Rollouts,
+               stats: dict[str, float]) -> torch.Tensor:
+        """The micro-batch's share of the mean over pairs, WPO-weighted when ``wpo`` is set."""
+        if self.wpo:
+            weights = lp.wpo_weights()
+            losses = losses * weights
+            stats["wpo_weight"] = weights.mean().item()
+        return batch_mean(losses, rollouts.totals, "pairs")
 
 
 class DPOLoss(PairLoss):
     """Direct Preference Optimization ("Direct Preference Optimization: Your Language Model is
     Secretly a Reward Model"): -log σ(β h), h the chosen-minus-rejected log-ratio to the reference.
 
-    At π = π_ref the loss is log 2. Implicit rewards are β (log π - log π_ref).
+    At π = π_ref the loss is log 2. Implicit rewards are β (log π - log π_ref). ``wpo``: WPO pair weights.
     """
 
     requires: tuple[str, ...] = ("ref_logprobs",)
+    paper = "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float = 0.1, wpo: bool = False):
         _check_beta(beta)
         self.beta = beta
+        self.wpo = wpo
 
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         lp = pair_logps(rollouts, logprobs, with_ref=True)
-        loss = batch_mean(-F.logsigmoid(self.beta * lp.log_ratio_margin), rollouts.totals, "pairs")
-        return loss, lp.reference_stats(self.beta)
+        stats = lp.reference_stats(self.beta)
+        loss = self.reduce(-F.logsigmoid(self.beta * lp.log_ratio_margin), lp, rollouts, stats)
+        return loss, stats
 
 
 class IPOLoss(PairLoss):
     """Identity Preference Optimisation ("A General Theoretical Paradigm to Understand Learning from
     Human Preferences"): (h - 1/(2β))², regressing the log-ratio margin to a finite target.
 
-    At π = π_ref the loss is (1/(2β))².
+    At π = π_ref the loss is (1/(2β))². The paper's h uses summed sequence log-probs (the default);
+    ``length_normalize = true`` divides each by its length first, as TRL's ``ipo`` does. ``wpo``: WPO
+    pair weights.
     """
 
     requires: tuple[str, ...] = ("ref_logprobs",)
+    paper = "A General Theoretical Paradigm to Understand Learning from Human Preferences"
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float = 0.1, length_normalize: bool = False, wpo: bool = False):
         _check_beta(beta)
         self.beta = beta
+        self.length_normalize = length_normalize
+        self.wpo = wpo
 
     def compute(self, rollouts: Rollouts, logprobs: torch.Tensor,
                 **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         lp = pair_logps(rollouts, logprobs, with_ref=True)
-        loss = batch_mean(((lp.log_ratio_margin - 1.0 / (2.0 * self.beta)) ** 2), rollouts.totals, "pairs")
-        return loss, lp.reference_stats(self.beta)
+        h = lp.mean_log_ratio_margin if self.length_normalize else lp.log_ratio_margin
+        stats = lp.reference_stats(self.beta)
+        loss = self.reduce((h - 1.0 / (2.0 * self.beta)) ** 2, lp, rollouts, stats)
+        return loss, stats
 
 
 class SimPOLoss(PairLoss):
@@ -244,6 +291,7 @@ class SimPOLoss(PairLoss):
     """
 
     requires: tuple[str, ...] = ()
+    paper = "SimPO: Simple Preference Optimization with a Reference-Free Reward"
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5):
         _check_beta(beta)
@@ -266,6 +314,7 @@ class RobustDPOLoss(PairLoss):
     """
 
     requires: tuple[str, ...] = ("ref_logprobs",)
+    paper = "Provably Robust DPO: Aligning Language Models with Noisy Feedback"
 
     def __init__(self, beta: float = 0.1, eps: float = 0.1):
         _check_beta(beta)
@@ -291,6 +340,7 @@ class MarginDPOLoss(PairLoss):
     """
 
     requires: tuple[str, ...] = ("ref_logprobs",)
+    paper = "Direct Preference Optimization with an Offset"
 
     def __init__(self, beta: float = 0.1, margin_key: str = "margin", margin_scale: float = 1.0):
         _check_beta(beta)

@@ -202,20 +202,42 @@ def check_parity(recipe: str, overrides: tuple[str, ...], steps: int, tolerance:
 @click.option("--verbose", "-v", is_flag=True,
               help="Also show each component's description and options (name, type, default).")
 def plugins_cmd(kind: str | None, verbose: bool) -> None:
-    """List the components every installed plugin provides: name, kind, package, version."""
+    """List the installed components: kind, name, description, paper, plugin, package."""
+    import re
+
     from rlctl import plugins
+    from rlctl.scaffold import doc_summary
+
+    title = re.compile(r'"([A-Z][^"]{11,})"')  # a quoted paper title in a docstring summary
+
+    def describe(factory) -> tuple[str, str]:
+        """One line of description and the paper: the factory's ``paper`` attribute, else the first quoted
+        title of its docstring summary (the convention of the built-in components)."""
+        summary = doc_summary(factory)
+        found = title.search(summary)
+        paper = getattr(factory, "paper", "") or (found.group(1) if found else "")
+        # the title has its own line: drop the parenthesis that cites it, and the code markup
+        text = re.sub(r'\s*\([^()"]*"[^"]*"[^()]*\)', "", summary).replace("``", "")
+        sentence = re.split(r"(?<=[.;])(?<!Dr\.)(?<!e\.g\.)(?<!i\.e\.)\s", text, maxsplit=1)[0].strip()
+        return (sentence[:97] + "...") if len(sentence) > 100 else sentence, paper
 
     reg = plugins.registry()
     shown = [comp for comp in plugins.components() if kind is None or comp.kind == kind]
     if verbose:
         _print_verbose(shown)
     else:
-        table = Table(show_header=True, header_style="bold")
-        for column in ("kind", "name", "plugin", "package", "version"):
-            table.add_column(column)
-        for comp in shown:
-            table.add_row(comp.kind, comp.name, comp.plugin, comp.package, comp.version)
-        console.print(table)
+        # one line per component (kind, name, plugin, package) and, indented below it, its description
+        # and paper: plain lines read at any terminal width, where a table would squeeze the text away
+        rows = [(comp.kind, comp.name, comp.plugin, f"{comp.package} {comp.version}") for comp in shown]
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(("kind", "name", "plugin"))]
+        click.echo(f"{'kind':<{widths[0]}}  {'name':<{widths[1]}}  {'plugin':<{widths[2]}}  package")
+        for comp, row in zip(shown, rows):
+            click.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) + f"  {row[3]}")
+            description, paper = describe(comp.factory)
+            if description:
+                click.echo(f"    {description}")
+            if paper:
+                click.echo(f'    paper: "{paper}"')
     for message in reg.conflicts.values():
         err_console.print(f"[yellow]conflict:[/] {escape(message)}", highlight=False)
     for message in reg.failed.values():

@@ -103,11 +103,21 @@ def _at_least_one(count: Any, like: torch.Tensor) -> Any:
     return max(float(count), 1.0)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+")
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi.
 
     k1 = log pi/pi_ref; k2 = 0.5 (log pi/pi_ref)^2; k3 = (rho - 1) - log rho with rho = pi_ref/pi.
+    Straight-through variants: "k1+" and "k3+" have the value of k1 / k3 and the gradient of k2 (whose
+    expected gradient on policy is that of KL(pi || pi_ref)), so the logged penalty is the unbiased (k1)
+    or non-negative (k3) estimate while the update follows the reverse KL.
     """
+    if estimator.endswith("+") and estimator in KL_ESTIMATORS:
+        value = kl_penalty(logprobs, ref_logprobs, estimator[:-1])
+        k2 = kl_penalty(logprobs, ref_logprobs, "k2")
+        return k2 + (value - k2).detach()  # value of k1/k3, gradient of k2
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
@@ -116,7 +126,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k3":
         log_rho = -log_ratio.clamp(-20.0, 20.0)
         return log_rho.exp() - 1 - log_rho
-    raise ValueError(f"unknown KL estimator {estimator!r}; accepted: k1, k2, k3")
+    raise ValueError(f"unknown KL estimator {estimator!r}; accepted: {', '.join(KL_ESTIMATORS)}")
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False,

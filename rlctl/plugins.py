@@ -50,6 +50,15 @@ DEFAULT_PLUGINS = (
     "rlctl_plugins.prefix",
     "rlctl_plugins.curriculum",
     "rlctl_plugins.vllm_sampler",
+    "rlctl_plugins.kl_control",
+    "rlctl_plugins.cispo",
+    "rlctl_plugins.sapo",
+    "rlctl_plugins.gmpo",
+    "rlctl_plugins.cov_losses",
+    "rlctl_plugins.gpg",
+    "rlctl_plugins.baselines",
+    "rlctl_plugins.remax",
+    "rlctl_plugins.preference_variants",
 )
 
 
