@@ -162,3 +162,23 @@ def test_a_sampler_without_partial_rollouts_is_refused(tmp_path, tiny_model_dir)
     with pytest.raises(RlctlError, match=r"partial_rollouts = true: sampler 'hf' cannot change weights part-way"):
         check_async_stage(stage, WholeBatchSampler(), 1)
     check_async_stage(stage, plugins.get("sampler", "hf")(), 1)  # the hf sampler can
+
+
+def test_model_generate_takes_one_version_for_the_whole_batch(tiny_model_dir, monkeypatch):
+    """Decoding through ``model.generate`` (several calls with ``batch_size``) cannot switch weights
+    part-way: the newest weights are asked for once, before the first call, and tag every token."""
+    from rlctl.models import generation
+
+    monkeypatch.setattr(generation, "use_fast_decoding", lambda model: False)
+    model, tokenizer = load_policy(ModelConfig(name=str(tiny_model_dir)))
+    versions = iter(range(5, 100))
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        return next(versions)
+
+    batch = generate(Policy(model, tokenizer, refresh=refresh), _prompts(["1 + 1 =", "2 + 2 =", "3 + 3 ="]), 2,
+                     max_new_tokens=4, batch_size=1)
+    assert len(calls) == 1
+    assert bool((batch.token_versions[batch.completion_mask.bool()] == 5).all())

@@ -113,6 +113,9 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
     per_call = batch_size or len(prompts)  # prompts per decoding call
     fast = use_fast_decoding(model)
     refresh = getattr(policy, "refresh", None)
+    # ``model.generate`` cannot change weights part-way: the whole batch uses the newest ones at its start,
+    # so that a worker scoring its behaviour log-probs afterwards scores it with the weights that drew it
+    whole_batch_version = refresh() if refresh is not None and not fast else 0
     was_training = model.training
     model.eval()
     pieces, logp_pieces, version_pieces = [], [], []
@@ -129,15 +132,14 @@ def generate(policy: Any, prompts: Sequence[Prompt], group_size: int = 1, *, max
                 logp_pieces.append(logp_part)
                 version_pieces.append(version_part)
                 continue
-            # ``model.generate`` cannot change weights part-way: the whole call uses the newest ones
-            version = refresh() if refresh is not None else 0
             sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
             out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
                                  do_sample=do_sample, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id,
                                  synced_gpus=_all_done is not None, **sampling)
             pieces.append(out[:, prompt_ids.shape[1]:])
-            version_pieces.append(torch.full(pieces[-1].shape, version, dtype=torch.long, device=device))
+            version_pieces.append(torch.full(pieces[-1].shape, whole_batch_version, dtype=torch.long,
+                                             device=device))
     finally:
         model.train(was_training)
     width = max(1, max(p.shape[1] for p in pieces))
