@@ -46,6 +46,7 @@ KIND_TABLES = {
     "advantage": "[advantage]",
     "loss": "[loss]",
     "scheduler": "[scheduler]",
+    "environment": "[sampler.env]",
 }
 KIND_INTRO = {
     "sampler": "Produces the completions of a step (required in every stage).",
@@ -55,6 +56,9 @@ KIND_INTRO = {
     "advantage": "Turns rewards into per-token advantages (needed when the loss uses advantages).",
     "loss": "The objective minimised at every update (required in every stage).",
     "scheduler": "Sets the learning rate before every update (optional: the stage's `lr` otherwise).",
+    "environment": ("What a multi-turn sampler (`multi_turn`, `multi_turn_demonstrations`) talks to between "
+                    "the policy's turns, selected in the sampler's `env` table "
+                    "([Multi-turn and tool use](environments.md))."),
 }
 
 

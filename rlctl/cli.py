@@ -297,7 +297,7 @@ def new_recipe_cmd(name: str | None, template: str | None, output: str | None, f
 @new_group.command(name="plugin", short_help="Create a pip-installable plugin package NAME/.")
 @click.argument("name")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
-              help="Kind of component to provide: sampler, reward, advantage, loss, scheduler, observer or "
+              help="Kind of component to provide: sampler, reward, advantage, loss, scheduler, observer, environment or "
                    "all (repeat or separate with commas; default: reward).")
 @click.option("--output", "-o", type=click.Path(file_okay=False),
               help="Folder in which to create the package folder NAME (default: the current folder).")
@@ -313,6 +313,24 @@ def new_plugin_cmd(name: str, kinds: tuple[str, ...], output: str | None, force:
         click.echo(f"wrote {path}")
     click.echo(f"next: pip install -e {root}  then  rlctl plugins --verbose  and  "
                f"rlctl run {root / 'recipes' / 'example.toml'}  (components: use = \"{module}\")")
+
+
+@new_group.command(name="environment", short_help="Create a pip-installable environment package NAME/.")
+@click.argument("name")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Folder in which to create the package folder NAME (default: the current folder).")
+@click.option("--force", is_flag=True, help="Write into an existing, non-empty package folder.")
+def new_environment_cmd(name: str, output: str | None, force: bool) -> None:
+    """Create NAME/, a pip-installable package with a working multi-turn environment, tests, a README
+    and an example recipe (the author's guide: docs/environments.md)."""
+    from rlctl.scaffold import new_plugin, plugin_names
+
+    root = new_plugin(name, ["environment"], output, force)
+    module = plugin_names(name).module
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        click.echo(f"wrote {path}")
+    click.echo(f"next: pip install -e {root}  then  rlctl run {root / 'recipes' / 'example.toml'}  "
+               f"([sampler.env] use = \"{module}\")")
 
 
 @cli.command(name="eval")

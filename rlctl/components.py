@@ -35,6 +35,12 @@ False``. A sampler that decodes token by token and can switch weights part-way t
 sets ``supports_partial_rollouts = True`` and calls ``policy.refresh()`` between decoding steps (it
 returns the version loaded; see ``rlctl.models.Policy``), filling ``token_versions``.
 
+A sampler whose completions take several decoding calls (multi-turn) provides ``sample_greedy(policy,
+prompts) -> Rollouts`` (one greedy completion per prompt), which evaluation then uses instead of plain
+greedy decoding, and may provide ``batch_metrics(rollouts) -> dict[str, float]``, logged every step (and
+as ``eval/<name>`` at evaluation). A sampler marks a rollout that failed (e.g. its environment crashed)
+with ``info[i]["failed"] = "<error>"``: the trainer scores it 0.
+
 A sampler whose completions depend only on the prompt (no generation: demonstrations, preference
 pairs) sets ``deterministic = True``; the trainer then computes reference log-probs once per
 (prompt, completion) and stage, and reuses them in later epochs.

@@ -59,6 +59,11 @@ def rlctl_register_schedulers(register: Register) -> None:
 
 
 @hookspec
+def rlctl_register_environments(register: Register) -> None:
+    """Register environments for multi-turn samplers: ``step(turn) -> Step`` (see ``rlctl.environments``)."""
+
+
+@hookspec
 def rlctl_on_run_start(state: TrainState) -> None:
     """Called once, after models and components are built and before the first step."""
 

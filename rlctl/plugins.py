@@ -21,13 +21,14 @@ import pluggy
 from rlctl import hookspecs
 from rlctl.errors import PluginError
 
-KINDS = ("sampler", "reward", "advantage", "loss", "scheduler")
+KINDS = ("sampler", "reward", "advantage", "loss", "scheduler", "environment")
 _REGISTER_HOOKS = {
     "sampler": "rlctl_register_samplers",
     "reward": "rlctl_register_rewards",
     "advantage": "rlctl_register_advantages",
     "loss": "rlctl_register_losses",
     "scheduler": "rlctl_register_schedulers",
+    "environment": "rlctl_register_environments",
 }
 ENTRY_POINT_GROUP = "rlctl"
 
@@ -59,6 +60,7 @@ DEFAULT_PLUGINS = (
     "rlctl_plugins.baselines",
     "rlctl_plugins.remax",
     "rlctl_plugins.preference_variants",
+    "rlctl_plugins.multi_turn",
 )
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Literal, get_args, get_origin
 
 from rlctl.errors import RlctlError
 
-PLUGIN_KINDS = ("sampler", "reward", "advantage", "loss", "scheduler", "observer")
+PLUGIN_KINDS = ("sampler", "reward", "advantage", "loss", "scheduler", "observer", "environment")
 DEFAULT_PLUGIN_KINDS = ("reward",)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _RESERVED_MODULES = {"rlctl", "rlctl_plugins", "rlctl_recipes", "test", "tests"}
@@ -352,6 +352,7 @@ _IMPORTS: dict[str, list[tuple[int, str]]] = {
     "scheduler": [(2, "from rlctl.state import TrainState")],
     "observer": [(0, "import json"), (0, "from pathlib import Path"), (0, "from typing import Mapping"),
                  (2, "from rlctl.state import TrainState")],
+    "environment": [(2, "from rlctl import Prompt"), (2, "from rlctl.environments import Step, Turn")],
 }
 _TEST_IMPORTS: dict[str, list[tuple[int, str]]] = {
     "sampler": [(2, "from rlctl import Prompt")],
@@ -360,6 +361,7 @@ _TEST_IMPORTS: dict[str, list[tuple[int, str]]] = {
     "loss": [(1, "import torch")],
     "scheduler": [(2, "from rlctl.state import TrainState")],
     "observer": [(0, "import json"), (2, "from rlctl.state import TrainState")],
+    "environment": [(2, "from rlctl import Prompt"), (2, "from rlctl.environments import Turn")],
 }
 # recipe tables for kinds the plugin does not provide: built-ins that fit the example task
 _BUILTIN_SECTIONS = {
@@ -484,7 +486,7 @@ def _component_list(names: PluginNames, kinds: tuple[str, ...]) -> str:
             rows.append("| observer | (every run) | `rlctl_on_run_start`, `rlctl_on_step_end`, "
                         "`rlctl_on_run_end` |")
         else:
-            table = "[[reward]]" if kind == "reward" else f"[{kind}]"
+            table = {"reward": "[[reward]]", "environment": "[sampler.env]"}.get(kind, f"[{kind}]")
             rows.append(f'| {kind} | `{table} use = "{names.module}"` | `{names.cls}{kind.capitalize()}` |')
     return "\n".join(rows)
 
@@ -494,6 +496,10 @@ def _recipe_sections(kinds: tuple[str, ...], values: dict[str, str]) -> str:
     for kind in ("sampler", "reward", "advantage", "loss", "scheduler"):
         if kind in kinds:
             sections.append(_fill(f"recipes/{kind}.toml.tmpl", values).strip("\n") + "\n")
+        elif kind == "sampler" and "environment" in kinds:  # the multi-turn sampler, with this environment
+            sections.append(_fill("recipes/environment.toml.tmpl", values).strip("\n") + "\n")
+        elif kind == "reward" and "environment" in kinds:  # the environment's own rewards
+            sections.append('[[reward]]\nuse = "env_return"\n')
         elif _BUILTIN_SECTIONS[kind]:
             sections.append(_BUILTIN_SECTIONS[kind])
     return "\n".join(sections).rstrip("\n")

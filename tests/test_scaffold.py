@@ -4,6 +4,7 @@ and one-line component errors from `rlctl run`."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import site
 import subprocess
@@ -371,3 +372,35 @@ def test_run_recipe_from_text_with_an_inline_plugin(tmp_path, tiny_model_dir, fr
     assert len(rows) == 1 and rows[0]["reward/probe_one"] == 1.0
     with pytest.raises(RlctlError, match="already holds a run"):
         testing.run_recipe(text, steps=1, output_dir=tmp_path / "run", plugins=[module])
+
+
+@pytest.mark.slow
+def test_scaffolded_environment_installs_and_runs(runner, tmp_path, fresh_registry):
+    """`rlctl new environment`: the package pip-installs, rlctl lists its environment, and its example
+    recipe trains multi-turn with it in a new process, as a user would run it."""
+    dist = f"rlctl-env-probe-{os.getpid()}"
+    module = dist.replace("-", "_")
+    result = runner.invoke(cli, ["new", "environment", dist, "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    root = tmp_path / dist
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    install = subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(root)],
+                             capture_output=True, text=True, timeout=300)
+    try:
+        assert install.returncode == 0, install.stdout + install.stderr
+        listing = subprocess.run([sys.executable, "-m", "rlctl.cli", "plugins"], capture_output=True, text=True,
+                                 timeout=300)
+        assert any(line.split()[:2] == ["environment", module] for line in listing.stdout.splitlines()), \
+            listing.stdout[-2000:]
+        run = subprocess.run([sys.executable, "-m", "rlctl.cli", "run", str(root / "recipes" / "example.toml"),
+                              "--output-dir", str(tmp_path / "run"), "--set", "train.steps=2",
+                              "--set", "train.prompts_per_step=2", "--set", "train.group_size=2"],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "eval" not in r]
+        assert [r["step"] for r in steps] == [0, 1] and all(r["turns"] >= 1 for r in steps)
+        assert all("reward/env_return" in r for r in steps)
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", dist], capture_output=True, timeout=300)
+    plugins.reset()

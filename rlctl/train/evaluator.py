@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from rlctl.evaluate import generate_in_batches
 from rlctl.models import Policy
+from rlctl.rollouts import Rollouts
 from rlctl.recipe import Recipe, Stage
 from rlctl.train.components import build
 from rlctl.train.engine import Engine
@@ -39,16 +40,26 @@ class Evaluator:
         engine, sampler = self.engine, built.get("sampler")
         max_new = self.recipe.eval.max_new_tokens or _max_new_tokens(self.recipe) or 64
 
+        greedy = getattr(sampler, "sample_greedy", None)  # a sampler of several decoding calls (multi-turn)
+
         def run(part: list) -> tuple[dict[str, float], int]:
-            rollouts = generate_in_batches(policy, part, 1, self.recipe.eval.batch_size, policy.tokenizer.pad_token_id,
-                                           max_new_tokens=max_new, do_sample=False,
-                                           chat_template=getattr(sampler, "chat_template", False))
+            if greedy is not None:
+                size = self.recipe.eval.batch_size or len(part)
+                rollouts = Rollouts.concat([greedy(policy, part[i:i + size]) for i in range(0, len(part), size)],
+                                           pad_token_id=policy.tokenizer.pad_token_id)
+            else:
+                rollouts = generate_in_batches(policy, part, 1, self.recipe.eval.batch_size,
+                                               policy.tokenizer.pad_token_id, max_new_tokens=max_new,
+                                               do_sample=False, chat_template=getattr(sampler, "chat_template", False))
             if counted == 0:  # a share of padding only: decoded in lockstep, not counted
                 return {}, 0
             rollouts = rollouts.select(list(range(min(len(part), counted))))
             _, stats = self.scorer.score(rollouts, rewards, specs)
-            return {"eval/accuracy": stats["accuracy"], "eval/reward": stats["reward"],
-                    "eval/completion_len": float(rollouts.lengths.float().mean().item())}, len(rollouts)
+            result = {"eval/accuracy": stats["accuracy"], "eval/reward": stats["reward"],
+                      "eval/completion_len": float(rollouts.lengths.float().mean().item())}
+            if hasattr(sampler, "batch_metrics"):
+                result.update({f"eval/{k}": v for k, v in sampler.batch_metrics(rollouts).items()})
+            return result, len(rollouts)
 
         counted = len(prompts)
         if engine.num_processes == 1:
@@ -63,8 +74,8 @@ class Evaluator:
             n_local = min(n_local, counted)
             everyone = engine.gather_objects((local, n_local))
             n = sum(count for _, count in everyone)
-            result = {key: sum(part[key] * count for part, count in everyone if count) / n
-                      for key in ("eval/accuracy", "eval/reward", "eval/completion_len")}
+            keys = sorted({key for part, count in everyone if count for key in part})
+            result = {key: sum(part.get(key, 0.0) * count for part, count in everyone if count) / n for key in keys}
         if not engine.is_main:
             return {}
         self.results[label] = result

@@ -276,6 +276,9 @@ class Trainer:
                         "samples_per_s": len(rollouts) / elapsed if elapsed > 0 else 0.0,
                         "learner_tokens_per_s": tokens / max(elapsed - t_sample, 1e-9),
                         "sample_time": t_sample, "step_time": elapsed, **batch.metrics})
+        sampler_metrics = getattr(built.get("sampler"), "batch_metrics", None)
+        if sampler_metrics is not None:  # e.g. tool use of multi-turn trajectories
+            metrics.update(guarded(specs["sampler"], "sampler", sampler_metrics, rollouts))
         if "rollout_wait_time" in batch.metrics and elapsed > 0:
             metrics["learner_idle_frac"] = batch.metrics["rollout_wait_time"] / elapsed
         metrics = reduce_metrics(self.engine, metrics)

@@ -27,8 +27,13 @@ class Scorer:
         ``reward``, ``reward_std``, ``accuracy`` (of the first reward) and ``reward/<name>`` per reward."""
         total = None
         stats: dict[str, float] = {}
+        # rollouts the sampler marked failed (an environment that crashed) score 0 whatever they say
+        broken = [i for i, info in enumerate(rollouts.info) if info.get("failed")]
         for i, (reward, spec) in enumerate(zip(rewards, specs)):
             value, failed = self.score_one(reward, spec, rollouts)
+            if broken and value.shape[0] == len(rollouts):
+                value = value.clone()
+                value[broken] = 0.0
             if failed:
                 stats[f"reward/{spec.name}/failed"] = float(failed)
             if value.shape[0] != len(rollouts):
@@ -52,6 +57,8 @@ class Scorer:
             total = torch.zeros(len(rollouts))
         per_completion = total if total.dim() == 1 else total.sum(1)
         stats["reward"] = float(per_completion.mean().item())
+        if broken:
+            stats["failed_rollouts"] = float(len(broken))
         stats["reward_std"] = float(per_completion.std(unbiased=False).item())
         return total, stats
 
