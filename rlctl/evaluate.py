@@ -37,8 +37,12 @@ def generate_in_batches(policy: Any, prompts: Sequence[Prompt], group_size: int,
 
 
 def first_reward_correct(rewards: Sequence[Any], rollouts: Rollouts) -> torch.Tensor:
+    """Whether the first reward scores each completion as correct; a failed rollout (its environment
+    crashed: ``info["failed"]``) never is, as in training."""
     score = rewards[0].score(rollouts).float().cpu()
-    return (score if score.dim() == 1 else score.sum(1)) >= CORRECT_AT
+    correct = (score if score.dim() == 1 else score.sum(1)) >= CORRECT_AT
+    failed = torch.tensor([bool((info or {}).get("failed")) for info in rollouts.info], dtype=torch.bool)
+    return correct & ~failed if len(failed) == len(correct) else correct
 
 
 @dataclass
@@ -55,17 +59,30 @@ class EvalResult:
 
 def evaluate(policy: Any, prompts: Sequence[Prompt], rewards: Sequence[Any], *, ks: Sequence[int],
              samples: int, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
-             chat_template: bool = False) -> EvalResult:
-    """Greedy accuracy, and pass@k for each k from ``samples`` sampled completions per prompt."""
+             chat_template: bool = False, sampler: Any = None) -> EvalResult:
+    """Greedy accuracy, and pass@k for each k from ``samples`` sampled completions per prompt.
+
+    A ``sampler`` whose completions take several decoding calls (``sample_greedy``: multi-turn, tools)
+    produces both, so that its environment takes part as in training; otherwise plain decoding does.
+    """
     pad = policy.tokenizer.pad_token_id
-    greedy = generate_in_batches(policy, prompts, 1, batch_size, pad, max_new_tokens=max_new_tokens,
-                                 do_sample=False, chat_template=chat_template)
+    multi_turn = sampler is not None and hasattr(sampler, "sample_greedy")
+    if multi_turn:
+        greedy = Rollouts.concat([sampler.sample_greedy(policy, prompts[i:i + batch_size])
+                                  for i in range(0, len(prompts), batch_size)], pad_token_id=pad)
+    else:
+        greedy = generate_in_batches(policy, prompts, 1, batch_size, pad, max_new_tokens=max_new_tokens,
+                                     do_sample=False, chat_template=chat_template)
     accuracy = float(first_reward_correct(rewards, greedy).float().mean())
     pass_at: dict[int, float] = {}
     if ks:
-        sampled = generate_in_batches(policy, prompts, samples, max(1, batch_size // samples), pad,
-                                      max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                      chat_template=chat_template)
+        per_batch = max(1, batch_size // samples)
+        if multi_turn:  # the sampler's own temperature and limits, as in training
+            sampled = Rollouts.concat([sampler.sample(policy, prompts[i:i + per_batch], samples)
+                                       for i in range(0, len(prompts), per_batch)], pad_token_id=pad)
+        else:
+            sampled = generate_in_batches(policy, prompts, samples, per_batch, pad, max_new_tokens=max_new_tokens,
+                                          do_sample=True, temperature=temperature, chat_template=chat_template)
         correct = first_reward_correct(rewards, sampled).reshape(len(prompts), samples).sum(1).tolist()
         for k in ks:
             pass_at[k] = sum(pass_at_k(samples, int(c), k) for c in correct) / len(prompts)
@@ -104,7 +121,7 @@ def run_eval(target: str, checkpoint: str | None = None, ks: Sequence[int] = (1,
     if model_dir is None or adapters:  # the recipe's model (plus the saved LoRA adapters)
         model_cfg = dataclasses.replace(recipe.model, lora=None)
     else:
-        model_cfg = dataclasses.replace(recipe.model, name=str(model_dir), tiny=None, lora=None)
+        model_cfg = dataclasses.replace(recipe.model, name=str(model_dir), gguf_file=None, tiny=None, lora=None)
     stage = next((s for s in reversed(recipe.stages) if s.components["reward"]), None)
     if stage is None:
         raise RlctlError(f"{recipe_path}: no [[reward]] to score completions with")
@@ -125,7 +142,8 @@ def run_eval(target: str, checkpoint: str | None = None, ks: Sequence[int] = (1,
     max_new = recipe.eval.max_new_tokens or getattr(sampler, "max_new_tokens", 0) or 64
     result = evaluate(Policy(model, tokenizer), prompts, built["reward"], ks=[k for k in ks if k > 0],
                       samples=samples, max_new_tokens=max_new, temperature=getattr(sampler, "temperature", 1.0),
-                      batch_size=recipe.eval.batch_size, chat_template=getattr(sampler, "chat_template", False))
+                      batch_size=recipe.eval.batch_size, chat_template=getattr(sampler, "chat_template", False),
+                      sampler=sampler)
     record = {"recipe": str(recipe_path), "model": str(model_dir or recipe.model.name or "tiny"),
               **result.as_dict()}
     out = Path(output) if output else (Path(target) / "eval.json" if Path(target).is_dir() else Path("eval.json"))

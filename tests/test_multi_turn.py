@@ -364,3 +364,38 @@ def test_calculator_recipe_runs_both_stages_on_the_real_model(tmp_path):
     assert rl["samples"] == 4 and 0.0 <= rl["tool_call_rate"] <= 1.0 and rl["turns"] >= 1.0
     evals = {r["eval"]: r for r in rows if "eval" in r}
     assert {"warmup", "rl"} <= set(evals) and all("eval/tool_error_rate" in r for r in evals.values())
+
+
+def test_calculator_recipe_pays_only_a_computed_number():
+    """The recipe's reward pays the number, not an expression that equals it: math_verify evaluates
+    "637 * 155" to the product, and a policy trained with it learns to write the expression and never
+    call the tool (held-out "accuracy" 1.0 with a tool-call rate of 0)."""
+    from rlctl.recipe import check_stage_components, load_recipe
+    from rlctl.scaffold import shipped_recipe
+
+    recipe = load_recipe(shipped_recipe("smollm2_calculator"))
+    rewards = check_stage_components(recipe.stages[-1], [])["reward"]
+    batch = testing.fake_rollouts(completions=["637 * 155", "98735", "The answer is 98735.", "98736"],
+                                  answers="98735")
+    total = sum(reward.score(batch) for reward in rewards)
+    assert total.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+class TwoTurnReward:
+    """1 for a trajectory of exactly two turns: only a sampler that runs the environment produces one."""
+
+    def score(self, rollouts):
+        return torch.tensor([float(info.get("turns") == 2) for info in rollouts.info])
+
+
+def test_rlctl_eval_runs_the_environment_greedy_and_sampled(tiny, scripted):
+    """``rlctl eval`` of a multi-turn run decodes through the sampler, environment included, as the
+    trainer's evaluation does; plain decoding would give single completions (accuracy 0 here)."""
+    from rlctl.evaluate import evaluate
+
+    sampler = MultiTurnSampler(env={"use": scripted, "turns": 2}, max_turns=3, max_turn_tokens=3, **plain())
+    result = evaluate(tiny, prompts(3), [TwoTurnReward()], ks=[1, 2], samples=2, max_new_tokens=3,
+                      batch_size=4, sampler=sampler)
+    assert result.accuracy == 1.0 and result.pass_at == {1: 1.0, 2: 1.0}
+    plain_decoding = evaluate(tiny, prompts(3), [TwoTurnReward()], ks=[], samples=1, max_new_tokens=3)
+    assert plain_decoding.accuracy == 0.0

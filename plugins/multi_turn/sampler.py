@@ -196,6 +196,13 @@ class MultiTurnSampler(_TrajectorySampler):
         return self.run(policy, prompts, 1, do_sample=False)
 
     def run(self, policy: Policy, prompts: Sequence[Prompt], group_size: int, do_sample: bool) -> Rollouts:
+        from rlctl.models import generation
+
+        if generation._all_done is not None:
+            # a sharded model decodes in lockstep, but each process's trajectories take their own
+            # number of turns: the processes' decoding calls would not match
+            raise ValueError("[sampler] use = \"multi_turn\" does not run with a sharded model ([train] "
+                             "engine = \"fsdp2\") yet; use one process or DDP")
         fmt = self.chat_format(policy.tokenizer)
         trajectories = self.start(fmt, prompts, group_size)
         sampling = {"do_sample": do_sample, "temperature": self.temperature, "top_p": self.top_p,
