@@ -70,7 +70,7 @@ CASES = {
     "ngrpo_clip": RL.replace('"grpo"', '"ngrpo"') + '[loss]\nuse = "ngrpo_clip"\n',
     "ppo (value loss)": RL.replace('"grpo"', '"gae"') + '[loss]\nuse = "ppo"\n',
     "sft": '[sampler]\nuse = "demonstrations"\n\n[loss]\nuse = "sft"\n',
-    "nested_is": ('[sampler]\nuse = "nested"\nmax_new_tokens = 8\nskip_ratio = 0.5\n\n[[reward]]\nuse = "test_length"\n\n'
+    "nested_is": ('[sampler]\nuse = "nested"\nmax_new_tokens = 24\nskip_ratio = 0.5\n\n[[reward]]\nuse = "test_length"\n\n'
                   '[advantage]\nuse = "grpo"\n\n[loss]\nuse = "nested_is"\n'),
     "prefix_pg": ('[sampler]\nuse = "prefix"\nmax_new_tokens = 8\nmin_ratio = 0.0\nmax_ratio = 1.0\n\n'
                   '[[reward]]\nuse = "test_length"\n\n[advantage]\nuse = "grpo"\n\n[loss]\nuse = "prefix_pg"\n'),

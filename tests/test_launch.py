@@ -56,10 +56,13 @@ def test_a_single_process_engine_describes_itself(tmp_path):
     from rlctl.train.outputs import engine_line
 
     described = Engine("cpu", "no", [], str(tmp_path)).describe()
-    assert described == {"name": "single", "processes": 1, "backend": None, "device": "cpu"}
+    assert described == {"name": "single", "processes": 1, "backend": None, "device": "cpu", "threads": None,
+                         "threads_why": ""}
     assert engine_line(described) == "engine: single process (cpu)"
-    ddp = {"name": "ddp", "processes": 2, "backend": "gloo", "device": "cpu"}
-    assert engine_line(ddp) == "engine: ddp, 2 processes (gloo, cpu)"
+    ddp = {"name": "ddp", "processes": 2, "backend": "gloo", "device": "cpu", "threads": 1,
+           "threads_why": "physical cores available / 2 processes; [train] threads overrides"}
+    assert engine_line(ddp) == ("engine: ddp, 2 processes (gloo, cpu); 1 torch thread per process (physical "
+                                "cores available / 2 processes; [train] threads overrides)")
 
 
 def test_processes_that_cannot_share_the_batch_are_refused_before_launching(tiny_model_dir, tmp_path):

@@ -210,8 +210,12 @@ def test_prompts_are_shared_only_when_it_saves_enough(tiny_policy):
     assert models._prompt_groups(wrapped, r) is None
 
 
-def test_no_fp32_full_vocabulary_tensor_is_kept_for_the_backward_pass(tmp_path):
-    """A bf16 model's logits stay bf16: the log-probs keep one log-normaliser per position, not fp32 logits."""
+def test_no_fp32_full_vocabulary_tensor_is_kept_for_the_backward_pass(tmp_path, monkeypatch):
+    """A bf16 model's logits stay bf16: the log-probs keep one log-normaliser per position, not fp32 logits.
+
+    This is the path through the model's own logits (a head that is not a plain Linear, a wrapped model);
+    with a plain head no logits are kept at all (``tests/test_chunked_logprobs.py``)."""
+    monkeypatch.setenv("RLCTL_CHUNKED_HEAD", "0")
     from rlctl.models import load_policy
     from rlctl.recipe import ModelConfig
 
@@ -234,3 +238,20 @@ def test_no_fp32_full_vocabulary_tensor_is_kept_for_the_backward_pass(tmp_path):
     assert all(dtype != torch.float32 for dtype, _ in full_vocab), full_vocab
     out.logprobs.sum().backward()
     assert model.lm_head.weight.grad is not None or model.model.embed_tokens.weight.grad is not None
+
+
+def test_cpu_draws_follow_the_distribution_and_never_pick_a_zero_probability_token():
+    """The CPU's inverse-CDF draw (one uniform number per row) samples each token with its probability."""
+    from rlctl.models.generation import _draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7, 0.0]]).repeat(200_000, 1)
+    freq = torch.bincount(_draw(probs).squeeze(1), minlength=5).float() / len(probs)
+    assert torch.allclose(freq, probs[0], atol=4e-3)  # about 4 standard errors
+    assert freq[2] == 0 and freq[4] == 0
+    edge = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert _draw(edge).squeeze(1).tolist() == [0, 2, 1]
+    torch.manual_seed(1)
+    first = _draw(probs[:100])
+    torch.manual_seed(1)
+    assert torch.equal(first, _draw(probs[:100]))

@@ -228,8 +228,13 @@ def test_micro_batches_do_not_change_the_gradient_on_the_real_model(real_model_d
     lengths = [r.completion_mask.sum(-1) for r in probe.rollouts]
     assert torch.equal(lengths[0], lengths[1])  # the same completions in both runs (same seed)
     assert lengths[0][:4].sum() != lengths[0][4:].sum()  # the two micro-batches hold unequal token counts
-    assert grads[0].abs().max() > 0
-    assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-7)
+    scale = float(grads[0].abs().max())
+    assert scale > 0
+    # fp32 sums in another order (the vocabulary projection's gradient adds up over blocks and micro-batches):
+    # elements near zero differ by a few 1e-6 at most, far below the gradient's scale; a mis-normalised
+    # micro-batch would be off on most elements by a sizable fraction
+    assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5 * scale)
+    assert float((grads[1] - grads[0]).norm()) <= 1e-4 * float(grads[0].norm())
 
 
 # ------------------------------------------------------------------------------ nested sampler

@@ -214,3 +214,37 @@ def test_first_signal_requests_a_stop_the_second_interrupts():
     finally:
         restore()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ------------------------------------------------------------------------------------- threads
+def _fake_sysfs(root, cores_of_cpus):
+    """A /sys/devices/system/cpu with CPU i on core ``cores_of_cpus[i]`` of package 0."""
+    for cpu, core in enumerate(cores_of_cpus):
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    return str(root)
+
+
+def test_threads_are_the_physical_cores_shared_by_local_processes(tmp_path, monkeypatch):
+    """Hyper-threads of one core count once; local processes split the cores; OMP_NUM_THREADS caps;
+    [train] threads overrides; without a topology every CPU counts."""
+    from rlctl.train import engine
+
+    monkeypatch.setattr(engine, "CPU_SYSFS", _fake_sysfs(tmp_path / "sys", [0, 0, 1, 1, 2, 2, 3, 3]))
+    assert engine.physical_cores(set(range(8))) == 4
+    assert engine.physical_cores({0, 1}) == 1  # two hyper-threads of one core
+    assert engine.physical_cores({9, 10}) == 2  # no topology to read
+    monkeypatch.setattr(engine, "physical_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert engine.pick_threads()[0] == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    threads, why = engine.pick_threads()
+    assert threads == 2 and "2 processes" in why
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert engine.pick_threads() == (1, "OMP_NUM_THREADS")
+    assert engine.pick_threads(3) == (3, "[train] threads")
+    with pytest.raises(RlctlError, match=r"\[train\] threads = -1"):
+        engine.pick_threads(-1)

@@ -55,6 +55,7 @@ class TrainConfig:
     max_sampling_rounds: int = 1  # extra sampling rounds to refill dropped groups
     max_staleness: int = 0  # asynchronous rollouts: a worker samples up to this many steps ahead; 0 = synchronous
     partial_rollouts: bool = False  # asynchronous rollouts: completions under way continue with newer weights
+    threads: int = 0  # torch CPU threads per process; 0 = the physical cores available (shared by local processes)
     rollout_threads: int = 0  # CPU threads of the rollout worker; 0 = half of this process's (the learner keeps the rest)
     save_final: bool = True
     save_every: int = 0  # write a checkpoint every N steps (always at the end and on Ctrl-C)

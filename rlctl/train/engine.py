@@ -32,6 +32,8 @@ class Engine:
 
     name = "ddp"  # "single process" when there is one
     sharded = False  # whether parameters are sharded over processes (every forward a collective)
+    threads: int | None = None  # torch CPU threads per process, and why that many (``make_engine``)
+    threads_why = ""
 
     def __init__(self, device: str, mixed_precision: str, trackers: Sequence[str], project_dir: str):
         import os
@@ -181,7 +183,8 @@ class Engine:
         processes = self.num_processes
         name = self.name if processes > 1 or self.sharded else "single"
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-        return {"name": name, "processes": processes, "backend": backend, "device": self.device.type}
+        return {"name": name, "processes": processes, "backend": backend, "device": self.device.type,
+                "threads": self.threads, "threads_why": self.threads_why}
 
 
 def shard(items: Sequence[Any], index: int, count: int) -> tuple[list[Any], int]:
@@ -224,5 +227,49 @@ def make_engine(train: Any, project_dir: str) -> Engine:
     if getattr(train, "engine", "auto") == "fsdp2":
         from rlctl.train.fsdp2 import FSDP2Engine
 
-        return FSDP2Engine(train.device, train.mixed_precision, train.trackers, project_dir)
-    return Engine(train.device, train.mixed_precision, train.trackers, project_dir)
+        engine: Engine = FSDP2Engine(train.device, train.mixed_precision, train.trackers, project_dir)
+    else:
+        engine = Engine(train.device, train.mixed_precision, train.trackers, project_dir)
+    engine.threads, engine.threads_why = pick_threads(getattr(train, "threads", 0))
+    torch.set_num_threads(engine.threads)
+    return engine
+
+
+CPU_SYSFS = "/sys/devices/system/cpu"  # where Linux describes which CPUs share a core
+
+
+def physical_cores(cpus: set[int] | None = None) -> int:
+    """Physical cores among the CPUs this process may run on (``os.sched_getaffinity``): hyper-threads of
+    one core count once, since two threads on one core share its matrix units and only contend."""
+    import os
+
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(CPU_SYSFS) / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology to read: every CPU a core
+    return max(1, len(cores))
+
+
+def pick_threads(requested: int = 0) -> tuple[int, str]:
+    """Torch threads for this process and why: ``[train] threads`` when set, else the physical cores
+    available to the process shared by the processes of this machine, never more than
+    ``OMP_NUM_THREADS`` when the environment sets it."""
+    import os
+
+    if requested < 0:
+        raise RlctlError(f"[train] threads = {requested}: must be >= 0 (0 = the physical cores available)")
+    if requested:
+        return requested, "[train] threads"
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    share = max(1, physical_cores() // max(1, int(local) if local.isdigit() else 1))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and 0 < int(limit) < share:
+        return int(limit), "OMP_NUM_THREADS"
+    per = f" / {local} processes" if local not in ("", "1") else ""
+    return share, f"physical cores available{per}; [train] threads overrides"

@@ -68,12 +68,19 @@ def summary(recipe: Recipe, steps: int, seconds: float, last: dict[str, Any],
 
 
 def engine_line(engine: dict[str, Any]) -> str:
-    """"engine: ddp, 2 processes (gloo, cpu)" or "engine: single process (cpu)" (``Engine.describe``)."""
+    """"engine: ddp, 2 processes (gloo, cpu)" or "engine: single process (cpu)" (``Engine.describe``), then
+    the torch threads of each process and why, when the engine chose them ("; 2 torch threads per process
+    (physical cores available; [train] threads overrides)")."""
     if engine["name"] == "single":
-        return f"engine: single process ({engine['device']})"
-    where = ", ".join(v for v in (engine["backend"], engine["device"]) if v)
-    count = engine["processes"]
-    return f"engine: {engine['name']}, {count} process{'' if count == 1 else 'es'} ({where})"
+        line = f"engine: single process ({engine['device']})"
+    else:
+        where = ", ".join(v for v in (engine["backend"], engine["device"]) if v)
+        count = engine["processes"]
+        line = f"engine: {engine['name']}, {count} process{'' if count == 1 else 'es'} ({where})"
+    threads = engine.get("threads")
+    if threads and engine.get("device") == "cpu":
+        line += f"; {threads} torch thread{'' if threads == 1 else 's'} per process ({engine.get('threads_why', '')})"
+    return line
 
 
 def print_summary(console: Any, run_dir: Path, summary: dict[str, Any], recipe: Recipe,
