@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from rlctl import plugins, testing
+from rlctl import hookimpl, plugins, testing
 from rlctl.environments import Step, Tool, Turn
 from rlctl.models import Policy, load_policy
 from rlctl.models.logprobs import score_completions
@@ -353,7 +353,8 @@ def test_multi_turn_runs_with_groups_synchronously_and_asynchronously(tmp_path, 
 @pytest.mark.real
 @pytest.mark.slow
 def test_calculator_recipe_runs_both_stages_on_the_real_model(tmp_path):
-    """The shipped recipe, shortened: one warm-up step, one RL step, greedy evaluation after each."""
+    """The shipped recipe (smollm2_calculator.toml), shortened: one warm-up step, one RL step, greedy
+    evaluation after each."""
     rows = testing.run_recipe("smollm2_calculator", steps=1, output_dir=tmp_path / "run", evaluate=True,
                               overrides=["eval.num_prompts=4", "stage.0.train.prompts_per_step=4",
                                          "train.prompts_per_step=2",
@@ -399,3 +400,20 @@ def test_rlctl_eval_runs_the_environment_greedy_and_sampled(tiny, scripted):
     assert result.accuracy == 1.0 and result.pass_at == {1: 1.0, 2: 1.0}
     plain_decoding = evaluate(tiny, prompts(3), [TwoTurnReward()], ks=[], samples=1, max_new_tokens=3)
     assert plain_decoding.accuracy == 0.0
+
+
+class _EnvironmentPlugin:
+    @hookimpl
+    def rlctl_register_environments(self, register):
+        register("hooked_scripted", ScriptedEnvironment)
+
+
+def test_an_environment_registered_through_the_hook_is_usable_by_name(tiny):
+    """``rlctl_register_environments``: a plugin's environment is listed and drives a multi-turn sampler."""
+    plugin = _EnvironmentPlugin()
+    with testing.registered(plugin):
+        assert "hooked_scripted" in plugins.available("environment")
+        batch = MultiTurnSampler(env={"use": "hooked_scripted", "turns": 2}, max_turns=3, max_turn_tokens=3,
+                                 **plain()).sample(tiny, prompts(2), 1)
+    assert [info["turns"] for info in batch.info] == [2, 2]
+    assert "hooked_scripted" not in plugins.available("environment")

@@ -211,7 +211,8 @@ def _offline(path: Path) -> bool:
 
 
 # Recipes for real models and hub datasets run here on a tiny model and local data in their own tests.
-REAL_MODEL_RECIPES = {"grpo_gsm8k": "tests/test_selection.py", "smollm2_word_problems": "tests/test_real_model.py"}
+REAL_MODEL_RECIPES = {"grpo_gsm8k": "tests/test_selection.py", "smollm2_word_problems": "tests/test_real_model.py",
+                      "smollm2_calculator": "tests/test_multi_turn.py"}
 OFFLINE_RECIPES = [p for p in RECIPES if p.stem not in REAL_MODEL_RECIPES]
 
 
