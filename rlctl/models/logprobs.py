@@ -66,15 +66,8 @@ class _SelectiveLogprobs(torch.autograd.Function):
         use_ent = ctx.with_entropy and grad_ent is not None
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], rows):
-            x = logits[s:s + rows].float()
-            if t != 1.0:
-                x = x / t
-            g = _logits_grad(x, lse[s:s + rows], targets[s:s + rows],
-                             None if grad_logp is None else grad_logp[s:s + rows],
-                             ent[s:s + rows] if use_ent else None, grad_ent[s:s + rows] if use_ent else None)
-            if t != 1.0:
-                g.div_(t)
-            grad[s:s + rows] = g
+            grad[s:s + rows] = _block_grad(logits[s:s + rows].float(), t, slice(s, s + rows), lse, targets,
+                                           grad_logp, ent if use_ent else None, grad_ent)
         return grad, None, None, None, None
 
 
@@ -127,14 +120,8 @@ class _ProjectedLogprobs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], rows):
                 h_b = h[s:s + rows]
-                x = torch.nn.functional.linear(h_b, w, b).float()
-                if t != 1.0:
-                    x = x / t
-                g = _logits_grad(x, lse[s:s + rows], targets[s:s + rows],
-                                 None if grad_logp is None else grad_logp[s:s + rows],
-                                 ent[s:s + rows] if use_ent else None, grad_ent[s:s + rows] if use_ent else None)
-                if t != 1.0:
-                    g.div_(t)
+                g = _block_grad(torch.nn.functional.linear(h_b, w, b).float(), t, slice(s, s + rows), lse, targets,
+                                grad_logp, ent if use_ent else None, grad_ent)
                 g = g.to(dtype)  # the logits' gradient in the logits' dtype, as autograd would hold it
                 if want_h:
                     grad_h[s:s + rows] = g @ w
@@ -158,6 +145,20 @@ def _block_stats(x: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, logp
     logp.copy_(x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse_b)
     if ent is not None:
         ent.copy_(lse_b - (torch.softmax(x, dim=-1) * x).sum(-1))
+
+
+def _block_grad(x: torch.Tensor, t: float, rows: slice, lse: torch.Tensor, targets: torch.Tensor,
+                grad_logp: torch.Tensor | None, ent: torch.Tensor | None,
+                grad_ent: torch.Tensor | None) -> torch.Tensor:
+    """d(loss)/d(logits) of the block ``rows`` from its fp32 logits x (before the temperature); ``ent``
+    None when the entropy has no gradient."""
+    if t != 1.0:
+        x = x / t
+    g = _logits_grad(x, lse[rows], targets[rows], None if grad_logp is None else grad_logp[rows],
+                     None if ent is None else ent[rows], None if ent is None else grad_ent[rows])
+    if t != 1.0:
+        g.div_(t)
+    return g
 
 
 def _logits_grad(x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor | None,
