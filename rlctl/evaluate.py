@@ -36,6 +36,18 @@ def generate_in_batches(policy: Any, prompts: Sequence[Prompt], group_size: int,
     return rollouts
 
 
+def greedy_in_batches(policy: Any, prompts: Sequence[Prompt], batch_size: int, pad_token_id: int,
+                      sampler: Any = None, **options: Any) -> Rollouts:
+    """One greedy completion per prompt, ``batch_size`` prompts at a time: through a sampler whose
+    completions take several decoding calls (``sample_greedy``: multi-turn, its environment included),
+    else plain decoding with ``options``."""
+    sample_greedy = getattr(sampler, "sample_greedy", None)
+    if sample_greedy is None:
+        return generate_in_batches(policy, prompts, 1, batch_size, pad_token_id, do_sample=False, **options)
+    return Rollouts.concat([sample_greedy(policy, prompts[i:i + batch_size])
+                            for i in range(0, len(prompts), batch_size)], pad_token_id=pad_token_id)
+
+
 def first_reward_correct(rewards: Sequence[Any], rollouts: Rollouts) -> torch.Tensor:
     """Whether the first reward scores each completion as correct; a failed rollout (its environment
     crashed: ``info["failed"]``) never is, as in training."""
@@ -66,13 +78,9 @@ def evaluate(policy: Any, prompts: Sequence[Prompt], rewards: Sequence[Any], *, 
     produces both, so that its environment takes part as in training; otherwise plain decoding does.
     """
     pad = policy.tokenizer.pad_token_id
-    multi_turn = sampler is not None and hasattr(sampler, "sample_greedy")
-    if multi_turn:
-        greedy = Rollouts.concat([sampler.sample_greedy(policy, prompts[i:i + batch_size])
-                                  for i in range(0, len(prompts), batch_size)], pad_token_id=pad)
-    else:
-        greedy = generate_in_batches(policy, prompts, 1, batch_size, pad, max_new_tokens=max_new_tokens,
-                                     do_sample=False, chat_template=chat_template)
+    multi_turn = hasattr(sampler, "sample_greedy")
+    greedy = greedy_in_batches(policy, prompts, batch_size, pad, sampler, max_new_tokens=max_new_tokens,
+                               chat_template=chat_template)
     accuracy = float(first_reward_correct(rewards, greedy).float().mean())
     pass_at: dict[int, float] = {}
     if ks:

@@ -417,3 +417,13 @@ def test_an_environment_registered_through_the_hook_is_usable_by_name(tiny):
                                  **plain()).sample(tiny, prompts(2), 1)
     assert [info["turns"] for info in batch.info] == [2, 2]
     assert "hooked_scripted" not in plugins.available("environment")
+
+
+def test_a_sharded_model_is_refused_in_one_line(tiny, scripted, monkeypatch):
+    """With lockstep decoding (a sharded model) every process must make the same decoding calls, which
+    trajectories of their own turn counts cannot: refused before the first call."""
+    from rlctl.models import generation
+
+    monkeypatch.setattr(generation, "_all_done", lambda done: done)
+    with pytest.raises(ValueError, match=r'does not run with a sharded model \(\[train\] engine = "fsdp2"\)'):
+        MultiTurnSampler(env={"use": scripted}, **plain()).sample(tiny, prompts(1), 1)

@@ -196,9 +196,9 @@ class MultiTurnSampler(_TrajectorySampler):
         return self.run(policy, prompts, 1, do_sample=False)
 
     def run(self, policy: Policy, prompts: Sequence[Prompt], group_size: int, do_sample: bool) -> Rollouts:
-        from rlctl.models import generation
+        from rlctl.models.generation import in_lockstep
 
-        if generation._all_done is not None:
+        if in_lockstep():
             # a sharded model decodes in lockstep, but each process's trajectories take their own
             # number of turns: the processes' decoding calls would not match
             raise ValueError("[sampler] use = \"multi_turn\" does not run with a sharded model ([train] "

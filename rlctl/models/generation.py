@@ -188,6 +188,12 @@ def set_lockstep(all_done: Callable[[bool], bool] | None) -> None:
     _all_done = all_done
 
 
+def in_lockstep() -> bool:
+    """Whether decoding runs in lockstep with other processes (a sharded model): a sampler whose
+    processes make different numbers of decoding calls cannot run then."""
+    return _all_done is not None
+
+
 # ------------------------------------------------------------------------------- fast decoding
 def use_fast_decoding(model: Any) -> bool:
     """Whether ``generate`` decodes ``model`` itself (else it calls ``model.generate``)."""
@@ -301,7 +307,8 @@ def _draw(probs: torch.Tensor) -> torch.Tensor:
     On the CPU by inverting each row's cumulative distribution at one uniform number: ``torch.multinomial``
     there draws a random number per vocabulary entry (about 33 ms for 32 rows of 49,152 on one thread,
     against about 10 ms). The sums are float64, so that no token's share of [0, 1) is off by more than
-    about 1e-16; a token of probability 0 is never drawn (its interval is empty).
+    about 1e-11 (rounding over 49,152 additions); a token of probability 0 is never drawn (its interval
+    is empty).
     """
     if probs.device.type != "cpu":
         return torch.multinomial(probs, num_samples=1)

@@ -247,7 +247,7 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         check_output_dir(format_output_dir(t.output_dir, recipe.name), given=t.output_dir)
     except RecipeError as exc:
         problems.extend(exc.problems)
-    for key in ("save_every", "keep_checkpoints", "rollout_threads"):
+    for key in ("save_every", "keep_checkpoints", "threads", "rollout_threads"):
         if getattr(t, key) < 0:
             problems.append(f"[train] {key} = {getattr(t, key)}: must be >= 0")
     if t.max_bad_steps < 1:

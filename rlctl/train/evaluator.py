@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from rlctl.evaluate import generate_in_batches
+from rlctl.evaluate import greedy_in_batches
 from rlctl.models import Policy
-from rlctl.rollouts import Rollouts
 from rlctl.recipe import Recipe, Stage
 from rlctl.train.components import build
 from rlctl.train.engine import Engine
@@ -40,17 +39,11 @@ class Evaluator:
         engine, sampler = self.engine, built.get("sampler")
         max_new = self.recipe.eval.max_new_tokens or _max_new_tokens(self.recipe) or 64
 
-        greedy = getattr(sampler, "sample_greedy", None)  # a sampler of several decoding calls (multi-turn)
-
         def run(part: list) -> tuple[dict[str, float], int]:
-            if greedy is not None:
-                size = self.recipe.eval.batch_size or len(part)
-                rollouts = Rollouts.concat([greedy(policy, part[i:i + size]) for i in range(0, len(part), size)],
-                                           pad_token_id=policy.tokenizer.pad_token_id)
-            else:
-                rollouts = generate_in_batches(policy, part, 1, self.recipe.eval.batch_size,
-                                               policy.tokenizer.pad_token_id, max_new_tokens=max_new,
-                                               do_sample=False, chat_template=getattr(sampler, "chat_template", False))
+            # a sampler of several decoding calls (multi-turn) decodes with its environment
+            rollouts = greedy_in_batches(policy, part, self.recipe.eval.batch_size or len(part),
+                                         policy.tokenizer.pad_token_id, sampler, max_new_tokens=max_new,
+                                         chat_template=getattr(sampler, "chat_template", False))
             if counted == 0:  # a share of padding only: decoded in lockstep, not counted
                 return {}, 0
             rollouts = rollouts.select(list(range(min(len(part), counted))))
